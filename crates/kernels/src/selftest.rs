@@ -1,0 +1,147 @@
+//! A small device self-test: one matmul and one RMSNorm (fused kernel and tensor-op reference)
+//! on deterministic inputs, read back asynchronously so the same code runs in the browser.
+//!
+//! The report carries the inputs too, so a checker with its own CPU arithmetic (the browser
+//! test in JavaScript, the native test in f64 Rust) can recompute every number independently.
+
+use burn::tensor::{Device, Tensor, TensorData};
+use serde::Serialize;
+
+use crate::{rms_norm_fused, rms_norm_reference};
+
+/// Sizes of the self-test problem.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct SelfTestShape {
+    /// RMSNorm rows.
+    pub rows: usize,
+    /// RMSNorm row width; also the matmul inner dimension.
+    pub cols: usize,
+    /// Matmul output columns.
+    pub out: usize,
+}
+
+impl Default for SelfTestShape {
+    fn default() -> Self {
+        // cols > the kernel's workgroup size, so the strided loop runs more than once per thread.
+        Self {
+            rows: 37,
+            cols: 300,
+            out: 19,
+        }
+    }
+}
+
+/// Inputs and device outputs of one self-test run, row-major.
+#[derive(Debug, Clone, Serialize)]
+pub struct SelfTestReport {
+    pub shape: SelfTestShape,
+    pub eps: f32,
+    /// `[rows, cols]`
+    pub x: Vec<f32>,
+    /// `[cols]`
+    pub weight: Vec<f32>,
+    /// `[cols, out]`
+    pub w: Vec<f32>,
+    /// `x @ w`, `[rows, out]`
+    pub matmul: Vec<f32>,
+    /// Fused WGSL RMSNorm, or `None` when the device is not a wgpu device.
+    pub rms_norm_fused: Option<Vec<f32>>,
+    /// Tensor-op RMSNorm.
+    pub rms_norm_reference: Vec<f32>,
+}
+
+/// Deterministic values in [-2, 2) from a SplitMix64 stream (no RNG crate needed for a fixture).
+pub fn fixture_values(seed: u64, n: usize) -> Vec<f32> {
+    let mut state = seed;
+    (0..n)
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            ((z >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+        })
+        .collect()
+}
+
+/// Runs the self-test on `device`. Errors are device errors, as text (the caller only shows them).
+pub async fn run(device: &Device, shape: SelfTestShape) -> Result<SelfTestReport, String> {
+    let SelfTestShape { rows, cols, out } = shape;
+    let eps = 1e-6;
+    let x = fixture_values(1, rows * cols);
+    let weight = fixture_values(2, cols);
+    let w = fixture_values(3, cols * out);
+
+    let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [rows, cols]), device);
+    let weight_t = Tensor::<1>::from_data(TensorData::new(weight.clone(), [cols]), device);
+    let wt = Tensor::<2>::from_data(TensorData::new(w.clone(), [cols, out]), device);
+
+    let matmul = read(xt.clone().matmul(wt)).await?;
+    let rms_norm_fused = match rms_norm_fused(xt.clone(), weight_t.clone(), eps) {
+        Ok(y) => Some(read(y).await?),
+        Err(_) => None,
+    };
+    let rms_norm_reference = read(rms_norm_reference(xt, weight_t, eps)).await?;
+
+    Ok(SelfTestReport {
+        shape,
+        eps,
+        x,
+        weight,
+        w,
+        matmul,
+        rms_norm_fused,
+        rms_norm_reference,
+    })
+}
+
+async fn read<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>, String> {
+    let data = t.into_data_async().await.map_err(|e| format!("{e:?}"))?;
+    data.try_into_vec::<f32>().map_err(|e| format!("{e:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::DeviceKind;
+
+    use super::*;
+
+    #[test]
+    fn selftest_on_wgpu_matches_f64_arithmetic() {
+        let device = Device::wgpu(DeviceKind::DefaultDevice);
+        let report = pollster::block_on(run(&device, SelfTestShape::default())).expect("device");
+        let SelfTestShape { rows, cols, out } = report.shape;
+        for i in 0..rows {
+            for j in 0..out {
+                let want: f64 = (0..cols)
+                    .map(|p| report.x[i * cols + p] as f64 * report.w[p * out + j] as f64)
+                    .sum();
+                let got = report.matmul[i * out + j] as f64;
+                assert!(
+                    (got - want).abs() <= 1e-4 + 1e-4 * want.abs(),
+                    "matmul[{i},{j}] {got} vs {want}"
+                );
+            }
+        }
+        let fused = report
+            .rms_norm_fused
+            .expect("the fused kernel runs on wgpu");
+        for (a, b) in fused.iter().zip(&report.rms_norm_reference) {
+            assert!(
+                (a - b).abs() <= 1e-5 + 1e-5 * b.abs(),
+                "fused {a} vs reference {b}"
+            );
+        }
+    }
+
+    #[test]
+    fn fixture_values_are_deterministic_and_spread() {
+        let a = fixture_values(1, 1000);
+        assert_eq!(a, fixture_values(1, 1000));
+        assert_ne!(a, fixture_values(2, 1000));
+        assert!(a.iter().all(|v| (-2.0..2.0).contains(v)));
+        let mean = a.iter().sum::<f32>() / 1000.0;
+        assert!(mean.abs() < 0.2, "mean {mean}");
+    }
+}

@@ -1,0 +1,65 @@
+//! The browser face of UniFusion-Web: wasm-bindgen exports over burn's WebGPU backend.
+//!
+//! This is the only crate that knows about wasm. It owns the one wgpu device of the page
+//! (burn allows a single registration per page) and hands plain JS values back; every
+//! readback is `*_async`, since a synchronous read panics on the browser's WebGPU.
+//!
+//! On native targets the crate is empty, so `cargo test --workspace` builds it for free.
+#![cfg(target_family = "wasm")]
+
+use std::cell::RefCell;
+
+use burn::tensor::Device;
+use burn::tensor::wgpu::WgpuBackend;
+use unifusion_kernels::selftest::{self, SelfTestShape};
+use wasm_bindgen::prelude::*;
+
+thread_local! {
+    static DEVICE: RefCell<Option<Device>> = const { RefCell::new(None) };
+}
+
+#[wasm_bindgen(start)]
+fn start() {
+    console_error_panic_hook::set_once();
+}
+
+/// Initialises burn's WebGPU device once for this page; later calls are no-ops.
+///
+/// Call it (and await it) before anything else; do not race two calls.
+#[wasm_bindgen(js_name = initDevice)]
+pub async fn init_device() -> Result<(), JsError> {
+    if DEVICE.with(|d| d.borrow().is_some()) {
+        return Ok(());
+    }
+    let device = Device::wgpu_options()
+        .graphics_api(WgpuBackend::WebGpu)
+        .init_async()
+        .await
+        .map_err(|e| JsError::new(&format!("WebGPU initialisation failed: {e}")))?;
+    DEVICE.with(|d| *d.borrow_mut() = Some(device));
+    Ok(())
+}
+
+fn device() -> Result<Device, JsError> {
+    DEVICE
+        .with(|d| d.borrow().clone())
+        .ok_or_else(|| JsError::new("call initDevice() first"))
+}
+
+/// Runs the device self-test (a matmul and the fused RMSNorm kernel beside its tensor-op
+/// reference) and returns inputs and outputs as plain arrays for an independent check.
+#[wasm_bindgen]
+pub async fn selftest(rows: u32, cols: u32, out: u32) -> Result<JsValue, JsError> {
+    let shape = SelfTestShape {
+        rows: rows as usize,
+        cols: cols as usize,
+        out: out as usize,
+    };
+    if shape.rows == 0 || shape.cols == 0 || shape.out == 0 {
+        return Err(JsError::new("selftest sizes must be positive"));
+    }
+    let report = selftest::run(&device()?, shape)
+        .await
+        .map_err(|e| JsError::new(&e))?;
+    serde_wasm_bindgen::to_value(&report).map_err(|e| JsError::new(&e.to_string()))
+}

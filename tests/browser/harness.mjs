@@ -1,0 +1,49 @@
+// Shared harness for browser tests: serves the repository on 127.0.0.1 and opens the page in
+// Debian's headless Chromium with WebGPU (SwiftShader) and a fresh profile.
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+import { chromium } from 'playwright-core';
+
+import { createServer, listen } from '../../scripts/serve.mjs';
+
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+
+export const CHROMIUM_FLAGS = [
+  '--no-sandbox',
+  '--enable-unsafe-webgpu',
+  '--disable-quic',
+  '--no-first-run',
+  '--disable-background-networking',
+  '--disable-component-update',
+  '--disable-sync',
+  '--disable-dev-shm-usage',
+];
+
+/**
+ * Serves the repo, launches Chromium with a fresh user-data-dir and opens `pathname`.
+ * Everything is torn down when the test `t` ends.
+ */
+export async function openPage(t, pathname = '/') {
+  const server = createServer({ root: ROOT });
+  const base = await listen(server, 0);
+  const profile = await mkdtemp(path.join(tmpdir(), 'unifusion-chromium-'));
+  const context = await chromium.launchPersistentContext(profile, {
+    executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
+    headless: true,
+    args: CHROMIUM_FLAGS,
+  });
+  t.after(async () => {
+    await context.close();
+    server.close();
+    await rm(profile, { recursive: true, force: true });
+  });
+  const page = context.pages()[0] ?? (await context.newPage());
+  const session = { page, base, console: [], pageErrors: [] };
+  page.on('console', (msg) => session.console.push(`${msg.type()}: ${msg.text()}`));
+  page.on('pageerror', (err) => session.pageErrors.push(String(err)));
+  await page.goto(new URL(pathname, base).href);
+  return session;
+}
