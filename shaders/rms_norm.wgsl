@@ -1,7 +1,9 @@
 // Fused RMSNorm over the last axis (Zhang & Sennrich 2019):
 //   y[r, c] = x[r, c] / sqrt(mean_c(x[r, :]^2) + eps) * weight[c]
-// One workgroup per row: each thread sums squares over a strided slice of the row, a tree
-// reduction in workgroup memory gives the row's mean square, then every thread writes its slice.
+// A workgroup of WORKGROUP_SIZE threads normalises WORKGROUP_SIZE / ROW_THREADS rows; the
+// ROW_THREADS threads of a row each sum squares over a strided slice of it, a tree reduction in
+// workgroup memory gives the row's mean square, then every thread writes its slice. Short rows
+// get few threads per row, so they do not pay for idle threads and extra barrier rounds.
 // One read of x for the reduction and one for the output, against four kernels (square, mean,
 // add/sqrt/divide, multiply) and three intermediate tensors in the tensor-op reference.
 //
@@ -14,6 +16,8 @@
 @group(0) @binding(3) var<storage, read_write> info: array<u32>;
 
 const WORKGROUP_SIZE: u32 = {{ workgroup_size }}u;
+const ROW_THREADS: u32 = {{ row_threads }}u;
+const ROWS_PER_GROUP: u32 = WORKGROUP_SIZE / ROW_THREADS;
 
 var<workgroup> partial_sums: array<f32, WORKGROUP_SIZE>;
 
@@ -23,8 +27,11 @@ fn main(
     @builtin(num_workgroups) num_workgroups: vec3<u32>,
     @builtin(local_invocation_index) lane: u32,
 ) {
-    // Rows beyond 65535 spill into the grid's y axis.
-    let row = workgroup_id.x + workgroup_id.y * num_workgroups.x;
+    // Groups beyond 65535 spill into the grid's y axis.
+    let group = workgroup_id.x + workgroup_id.y * num_workgroups.x;
+    let slot = lane / ROW_THREADS;
+    let thread = lane % ROW_THREADS;
+    let row = group * ROWS_PER_GROUP + slot;
     let rows = info[0];
     let cols = info[1];
     let eps = bitcast<f32>(info[2]);
@@ -34,7 +41,7 @@ fn main(
 
     var sum = 0.0;
     if in_range {
-        for (var c = lane; c < cols; c += WORKGROUP_SIZE) {
+        for (var c = thread; c < cols; c += ROW_THREADS) {
             let v = input[base + c];
             sum += v * v;
         }
@@ -42,16 +49,16 @@ fn main(
     partial_sums[lane] = sum;
     workgroupBarrier();
 
-    for (var stride = WORKGROUP_SIZE / 2u; stride > 0u; stride = stride / 2u) {
-        if lane < stride {
+    for (var stride = ROW_THREADS / 2u; stride > 0u; stride = stride / 2u) {
+        if thread < stride {
             partial_sums[lane] += partial_sums[lane + stride];
         }
         workgroupBarrier();
     }
 
-    let inv_rms = inverseSqrt(partial_sums[0] / f32(cols) + eps);
+    let inv_rms = inverseSqrt(partial_sums[slot * ROW_THREADS] / f32(cols) + eps);
     if in_range {
-        for (var c = lane; c < cols; c += WORKGROUP_SIZE) {
+        for (var c = thread; c < cols; c += ROW_THREADS) {
             output[base + c] = input[base + c] * inv_rms * weight[c];
         }
     }

@@ -86,7 +86,9 @@ async function main() {
 
   const failed = state.checks.filter((c) => !c.pass);
   if (failed.length) throw new Error(`Self-test failed: ${failed.map((c) => c.name).join(', ')}`);
-  setStatus('ok', `WebGPU ready on ${state.adapter.info.description || state.adapter.info.vendor || 'this adapter'}; self-test passed.`);
+  const { vendor, architecture, description } = state.adapter.info;
+  const name = description || [vendor, architecture].filter(Boolean).join(' ') || 'this adapter';
+  setStatus('ok', `WebGPU ready on ${name}; self-test passed.`);
 }
 
 main().catch((error) => {

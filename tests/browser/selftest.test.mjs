@@ -13,7 +13,7 @@ test('the page runs burn on WebGPU and its numbers match a CPU reference', { tim
   await page.waitForFunction(
     () => ['ok', 'error'].includes(document.body.dataset.state),
     null,
-    { timeout: 240_000 },
+    { timeout: 120_000 },
   );
   const state = await page.evaluate(() => window.unifusion);
   assert.equal(state.error, null, `page error: ${state.error}; console: ${session.console.join('\n')}`);

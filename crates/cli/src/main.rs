@@ -1,0 +1,53 @@
+//! `unifusion`: the native command line of UniFusion-Web.
+//!
+//! Each subcommand lives in its own module; `main` only parses and dispatches. Errors print
+//! one line and exit with status 2 (bad input) or 1 (anything else); nothing panics on input.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod device;
+
+#[derive(Parser)]
+#[command(name = "unifusion", version, about = "UniFusion-Web native tools")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Benchmarks: each component beside its baseline, as a markdown table.
+    #[command(subcommand)]
+    Bench(bench::Bench),
+}
+
+/// Errors a command reports before exiting.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The user asked for something impossible (bad flag value, missing file, ...).
+    #[error("{0}")]
+    Usage(String),
+    /// The device failed while running.
+    #[error("device error: {0}")]
+    Device(String),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Bench(b) => bench::run(b),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("unifusion: {e}");
+            match e {
+                CliError::Usage(_) => ExitCode::from(2),
+                CliError::Device(_) => ExitCode::FAILURE,
+            }
+        }
+    }
+}

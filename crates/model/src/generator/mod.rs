@@ -1,0 +1,1 @@
+//! The generator: text fusion (LAP + refiner), single-stream DiT, sampler, VAE.

@@ -1,0 +1,11 @@
+//! The UniFusion model on burn: pure tensor code, no I/O, compiles for wasm32.
+//!
+//! - [`vlm`]: the frozen InternVL3-layout encoder (InternViT, pixel shuffle, `mlp1`, Qwen2 LLM)
+//!   with hidden-state taps and KV-cache greedy generation for VERIFI.
+//! - [`generator`]: Layerwise Attention Pooling + refiner (text fusion), the single-stream DiT,
+//!   the flow-matching sampler and the VAE decoders.
+//!
+//! Weights come in through `burn-store` adapters in the weights crate; nothing here reads files.
+
+pub mod generator;
+pub mod vlm;

@@ -1,0 +1,1 @@
+//! The frozen vision-language encoder (InternVL3 layout).
