@@ -1,0 +1,401 @@
+//! Checkpoint tensors by name, from safetensors bytes (any source: file, fetch, IndexedDB).
+//!
+//! Every accepted spelling is mapped once, by [`canonical_names`], onto one canonical layout
+//! (transformers' InternVL names without their outer prefixes):
+//!
+//! | checkpoint key (transformers `save_pretrained` / in-memory / original OpenGVLab) | canonical |
+//! |---|---|
+//! | `vision_tower.*`, `model.vision_tower.*` | `vision.*` |
+//! | `multi_modal_projector.*`, `model.multi_modal_projector.*` | `projector.*` |
+//! | `language_model.model.*`, `model.language_model.*`, `language_model.*` | `text.*` |
+//! | `language_model.lm_head.weight`, `lm_head.weight` | `lm_head.weight` |
+//! | `vision_model.embeddings.class_embedding` | `vision.embeddings.cls_token` |
+//! | `vision_model.embeddings.patch_embedding.*` | `vision.embeddings.patch_embeddings.projection.*` |
+//! | `vision_model.embeddings.position_embedding` | `vision.embeddings.position_embeddings` |
+//! | `vision_model.encoder.layers.N.attn.qkv.*` (fused, split in thirds) | `vision.encoder.layer.N.attention.{q,k,v}_proj.*` |
+//! | `...layers.N.attn.proj.*` / `attn.q_norm` / `attn.k_norm` | `...layer.N.attention.projection_layer.*` / `q_norm` / `k_norm` |
+//! | `...layers.N.norm1.*` / `norm2.*` / `ls1` / `ls2` / `mlp.fc1` / `mlp.fc2` | `layernorm_before` / `layernorm_after` / `lambda_1` / `lambda_2` / same |
+//! | `mlp1.0.*` / `mlp1.1.*` / `mlp1.3.*` | `projector.layer_norm` / `linear_1` / `linear_2` |
+
+use std::collections::HashMap;
+
+use burn::tensor::{Device, Tensor, TensorData};
+
+use super::VlmError;
+
+/// Host-side tensors (f32) keyed by canonical name, taken one by one while the model is built.
+pub struct Weights {
+    tensors: HashMap<String, (Vec<f32>, Vec<usize>)>,
+}
+
+impl Weights {
+    /// An empty set; add shards with [`Weights::add_safetensors`].
+    pub fn new() -> Self {
+        Self {
+            tensors: HashMap::new(),
+        }
+    }
+
+    /// Parse one safetensors file (f32, f16 or bf16 tensors) and add its tensors.
+    pub fn add_safetensors(&mut self, bytes: &[u8]) -> Result<(), VlmError> {
+        for raw in parse_safetensors(bytes)? {
+            let values = raw.to_f32()?;
+            for (canonical, values, shape) in canonical_names(&raw.name, values, raw.shape)? {
+                self.tensors.insert(canonical, (values, shape));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a canonical name is present.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Take a tensor of exactly `shape` onto `device`.
+    pub fn take<const D: usize>(
+        &mut self,
+        name: &str,
+        shape: [usize; D],
+        device: &Device,
+    ) -> Result<Tensor<D>, VlmError> {
+        let (values, got) = self
+            .tensors
+            .remove(name)
+            .ok_or_else(|| VlmError::MissingTensor(name.to_string()))?;
+        if got != shape {
+            return Err(VlmError::TensorShape {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                got,
+            });
+        }
+        Ok(Tensor::from_data(TensorData::new(values, shape), device))
+    }
+
+    /// A copy of a tensor (for tied weights), without removing it.
+    pub fn peek<const D: usize>(
+        &self,
+        name: &str,
+        shape: [usize; D],
+        device: &Device,
+    ) -> Result<Tensor<D>, VlmError> {
+        let (values, got) = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| VlmError::MissingTensor(name.to_string()))?;
+        if got.as_slice() != shape {
+            return Err(VlmError::TensorShape {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                got: got.clone(),
+            });
+        }
+        Ok(Tensor::from_data(
+            TensorData::new(values.clone(), shape),
+            device,
+        ))
+    }
+
+    /// Names not taken by the model, sorted (checkpoint keys the model does not know).
+    pub fn remaining(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.tensors.keys().cloned().collect();
+        names.sort();
+        names
+    }
+}
+
+impl Default for Weights {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One tensor of a safetensors file, borrowed from its bytes.
+pub struct RawTensor<'a> {
+    /// Name as stored.
+    pub name: String,
+    /// safetensors dtype string (`F32`, `F16`, `BF16`, `I64`, ...).
+    pub dtype: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Little-endian element bytes.
+    pub data: &'a [u8],
+}
+
+impl RawTensor<'_> {
+    /// Elements as f32 (from F32, F16 or BF16).
+    pub fn to_f32(&self) -> Result<Vec<f32>, VlmError> {
+        let d = self.data;
+        Ok(match self.dtype.as_str() {
+            "F32" => d
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            "F16" => d
+                .chunks_exact(2)
+                .map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]])))
+                .collect(),
+            "BF16" => d
+                .chunks_exact(2)
+                .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
+                .collect(),
+            other => {
+                return Err(VlmError::Weights(format!(
+                    "tensor `{}`: dtype {other} is not a float type",
+                    self.name
+                )));
+            }
+        })
+    }
+
+    /// Elements as i64 (from I64 or I32).
+    pub fn to_i64(&self) -> Result<Vec<i64>, VlmError> {
+        let d = self.data;
+        Ok(match self.dtype.as_str() {
+            "I64" => d
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+                .collect(),
+            "I32" => d
+                .chunks_exact(4)
+                .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64)
+                .collect(),
+            other => {
+                return Err(VlmError::Weights(format!(
+                    "tensor `{}`: dtype {other} is not an integer type",
+                    self.name
+                )));
+            }
+        })
+    }
+}
+
+/// Parse safetensors bytes (8-byte little-endian header length, JSON header, data) without
+/// copying the data. A small reader of its own keeps the model crate free of file-system deps.
+pub fn parse_safetensors(bytes: &[u8]) -> Result<Vec<RawTensor<'_>>, VlmError> {
+    let bad = |m: &str| VlmError::Weights(format!("not a safetensors file: {m}"));
+    let len_bytes: [u8; 8] = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| bad("shorter than 8 bytes"))?;
+    let n = u64::from_le_bytes(len_bytes) as usize;
+    let header = bytes
+        .get(8..8usize.saturating_add(n))
+        .ok_or_else(|| bad("header runs past the end"))?;
+    let data = &bytes[8 + n..];
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(header).map_err(|e| bad(&e.to_string()))?;
+    let mut out = Vec::new();
+    for (name, info) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype = info["dtype"]
+            .as_str()
+            .ok_or_else(|| bad(&format!("`{name}` has no dtype")))?;
+        let shape: Vec<usize> = info["shape"]
+            .as_array()
+            .ok_or_else(|| bad(&format!("`{name}` has no shape")))?
+            .iter()
+            .map(|v| v.as_u64().map(|v| v as usize))
+            .collect::<Option<_>>()
+            .ok_or_else(|| bad(&format!("`{name}` has a bad shape")))?;
+        let offsets = info["data_offsets"]
+            .as_array()
+            .ok_or_else(|| bad(&format!("`{name}` has no data_offsets")))?;
+        let (Some(a), Some(b)) = (
+            offsets.first().and_then(|v| v.as_u64()),
+            offsets.get(1).and_then(|v| v.as_u64()),
+        ) else {
+            return Err(bad(&format!("`{name}` has bad data_offsets")));
+        };
+        let size = match dtype {
+            "F64" | "I64" | "U64" => 8,
+            "F32" | "I32" | "U32" => 4,
+            "F16" | "BF16" | "I16" | "U16" => 2,
+            _ => 1,
+        };
+        let slice = data
+            .get(a as usize..b as usize)
+            .ok_or_else(|| bad(&format!("`{name}` lies past the end")))?;
+        if slice.len() != shape.iter().product::<usize>() * size {
+            return Err(bad(&format!(
+                "`{name}`: {} bytes for shape {shape:?} {dtype}",
+                slice.len()
+            )));
+        }
+        out.push(RawTensor {
+            name,
+            dtype: dtype.to_string(),
+            shape,
+            data: slice,
+        });
+    }
+    Ok(out)
+}
+
+/// IEEE half → single.
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h >> 15) as u32) << 31;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let frac = (h & 0x3ff) as u32;
+    let bits = match (exp, frac) {
+        (0, 0) => sign,
+        (0, _) => {
+            // subnormal: normalise
+            let mut e = 127 - 15 + 1;
+            let mut f = frac;
+            while f & 0x400 == 0 {
+                f <<= 1;
+                e -= 1;
+            }
+            sign | (e << 23) | ((f & 0x3ff) << 13)
+        }
+        (0x1f, _) => sign | 0x7f80_0000 | (frac << 13),
+        _ => sign | ((exp + 127 - 15) << 23) | (frac << 13),
+    };
+    f32::from_bits(bits)
+}
+
+type Named = (String, Vec<f32>, Vec<usize>);
+
+/// Map one checkpoint key onto canonical name(s); the original fused `qkv` becomes three.
+fn canonical_names(
+    name: &str,
+    values: Vec<f32>,
+    shape: Vec<usize>,
+) -> Result<Vec<Named>, VlmError> {
+    const PREFIXES: [(&str, &str); 9] = [
+        ("language_model.lm_head.", "lm_head."),
+        ("model.language_model.", "text."),
+        ("language_model.model.", "text."),
+        ("language_model.", "text."),
+        ("model.vision_tower.", "vision."),
+        ("vision_tower.", "vision."),
+        ("model.multi_modal_projector.", "projector."),
+        ("multi_modal_projector.", "projector."),
+        ("lm_head.", "lm_head."),
+    ];
+    for (from, to) in PREFIXES {
+        if let Some(rest) = name.strip_prefix(from) {
+            return Ok(vec![(format!("{to}{rest}"), values, shape)]);
+        }
+    }
+    if let Some(rest) = name.strip_prefix("mlp1.") {
+        let (idx, leaf) = rest.split_once('.').unwrap_or((rest, ""));
+        let layer = match idx {
+            "0" => "layer_norm",
+            "1" => "linear_1",
+            "3" => "linear_2",
+            _ => return Ok(vec![(name.to_string(), values, shape)]),
+        };
+        return Ok(vec![(format!("projector.{layer}.{leaf}"), values, shape)]);
+    }
+    if let Some(rest) = name.strip_prefix("vision_model.") {
+        return original_vision(rest, values, shape);
+    }
+    Ok(vec![(name.to_string(), values, shape)])
+}
+
+fn original_vision(
+    rest: &str,
+    values: Vec<f32>,
+    shape: Vec<usize>,
+) -> Result<Vec<Named>, VlmError> {
+    let one = |n: String, v, s| Ok(vec![(n, v, s)]);
+    match rest {
+        "embeddings.class_embedding" => {
+            return one("vision.embeddings.cls_token".into(), values, shape);
+        }
+        "embeddings.position_embedding" => {
+            return one(
+                "vision.embeddings.position_embeddings".into(),
+                values,
+                shape,
+            );
+        }
+        _ => {}
+    }
+    if let Some(leaf) = rest.strip_prefix("embeddings.patch_embedding.") {
+        return one(
+            format!("vision.embeddings.patch_embeddings.projection.{leaf}"),
+            values,
+            shape,
+        );
+    }
+    let Some(layer_rest) = rest.strip_prefix("encoder.layers.") else {
+        return one(format!("vision_model.{rest}"), values, shape);
+    };
+    let (n, sub) = layer_rest.split_once('.').unwrap_or((layer_rest, ""));
+    let base = format!("vision.encoder.layer.{n}.");
+    if let Some(leaf) = sub.strip_prefix("attn.qkv.") {
+        // [3C, C] weight or [3C] bias: q, k, v stacked on the first axis.
+        let rows = shape.first().copied().unwrap_or(0);
+        if rows % 3 != 0 {
+            return Err(VlmError::TensorShape {
+                name: format!("vision_model.{rest}"),
+                expected: vec![3, rows / 3],
+                got: shape,
+            });
+        }
+        let per = values.len() / 3;
+        let mut part_shape = shape.clone();
+        part_shape[0] = rows / 3;
+        return Ok(["q", "k", "v"]
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                (
+                    format!("{base}attention.{p}_proj.{leaf}"),
+                    values[i * per..(i + 1) * per].to_vec(),
+                    part_shape.clone(),
+                )
+            })
+            .collect());
+    }
+    const LAYER_MAP: [(&str, &str); 9] = [
+        ("attn.proj.", "attention.projection_layer."),
+        ("attn.q_norm.", "attention.q_norm."),
+        ("attn.k_norm.", "attention.k_norm."),
+        ("norm1.", "layernorm_before."),
+        ("norm2.", "layernorm_after."),
+        ("mlp.fc1.", "mlp.fc1."),
+        ("mlp.fc2.", "mlp.fc2."),
+        ("ls1", "lambda_1"),
+        ("ls2", "lambda_2"),
+    ];
+    for (from, to) in LAYER_MAP {
+        if let Some(leaf) = sub.strip_prefix(from) {
+            return one(format!("{base}{to}{leaf}"), values, shape);
+        }
+    }
+    one(format!("vision_model.{rest}"), values, shape)
+}
+
+impl Weights {
+    /// A `burn::nn::Linear` from PyTorch's `[out, in]` `{prefix}.weight` (+ `{prefix}.bias`).
+    pub fn linear(
+        &mut self,
+        prefix: &str,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+        device: &Device,
+    ) -> Result<burn::nn::Linear, VlmError> {
+        let weight: Tensor<2> = self.take(&format!("{prefix}.weight"), [d_out, d_in], device)?;
+        let bias = if bias {
+            Some(burn::module::Param::from_tensor(self.take(
+                &format!("{prefix}.bias"),
+                [d_out],
+                device,
+            )?))
+        } else {
+            None
+        };
+        Ok(burn::nn::Linear {
+            weight: burn::module::Param::from_tensor(weight.transpose()),
+            bias,
+        })
+    }
+}
