@@ -1,0 +1,325 @@
+//! The generator against PyPI diffusers 0.42.1 (`tests/fixtures/generator`, made by
+//! `scripts/fixtures/make_generator_fixtures.py`): `Krea2Transformer2DModel`, `AutoencoderKL`,
+//! `AutoencoderTiny` and `FlowMatchEulerDiscreteScheduler` on tiny random configs with every
+//! parameter perturbed. Outputs within 1e-4 abs (f32) on Flex and on wgpu.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use burn::tensor::{Bool, Device, DeviceKind, Tensor, TensorData};
+use unifusion_model::generator::config::{AutoencoderKlConfig, AutoencoderTinyConfig, Krea2Config};
+use unifusion_model::generator::params::read_safetensors;
+use unifusion_model::generator::rope::RopeTable;
+use unifusion_model::generator::sampler::{FlowMatchEuler, Scheduler, Shift};
+use unifusion_model::generator::tiny_vae::AutoencoderTiny;
+use unifusion_model::generator::vae::AutoencoderKl;
+use unifusion_model::generator::{
+    Krea2Transformer, WeightMap, krea2_original_to_diffusers, patchify, unpatchify,
+};
+
+const TOL: f32 = 1e-4;
+
+fn dir(case: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/generator")
+        .join(case)
+}
+
+fn devices() -> Vec<(&'static str, Device)> {
+    vec![
+        ("flex", Device::flex()),
+        ("wgpu", Device::wgpu(DeviceKind::DefaultDevice)),
+    ]
+}
+
+fn tensors(case: &str, file: &str) -> HashMap<String, TensorData> {
+    let bytes = std::fs::read(dir(case).join(file)).expect("fixture file");
+    read_safetensors(&bytes)
+        .expect("fixture parses")
+        .into_iter()
+        .collect()
+}
+
+fn weights(case: &str, file: &str) -> WeightMap {
+    WeightMap::from_safetensors(&std::fs::read(dir(case).join(file)).expect("weights"))
+        .expect("weights parse")
+}
+
+fn config<T: serde::de::DeserializeOwned>(case: &str) -> T {
+    serde_json::from_str(&std::fs::read_to_string(dir(case).join("config.json")).expect("config"))
+        .expect("config parses")
+}
+
+fn tensor<const D: usize>(
+    io: &HashMap<String, TensorData>,
+    name: &str,
+    device: &Device,
+) -> Tensor<D> {
+    Tensor::from_data(
+        io.get(name)
+            .unwrap_or_else(|| panic!("fixture has no {name}"))
+            .clone(),
+        device,
+    )
+}
+
+fn values<const D: usize>(t: Tensor<D>) -> (Vec<usize>, Vec<f32>) {
+    let data = t.into_data();
+    (
+        data.shape().as_slice().to_vec(),
+        data.convert::<f32>().try_into_vec::<f32>().expect("f32"),
+    )
+}
+
+/// Max |a − b| after checking shapes; panics with `what` when over `TOL` or not finite.
+fn assert_close<const D: usize>(what: &str, got: Tensor<D>, want: &TensorData) {
+    let (shape, got) = values(got);
+    assert_eq!(shape.as_slice(), want.shape().as_slice(), "{what}: shape");
+    let want = want.clone().try_into_vec::<f32>().expect("f32");
+    let mut max = 0f32;
+    for (a, b) in got.iter().zip(&want) {
+        assert!(a.is_finite(), "{what}: non-finite output {a}");
+        max = max.max((a - b).abs());
+    }
+    assert!(max <= TOL, "{what}: max abs diff {max} > {TOL}");
+    eprintln!("{what}: max abs diff {max:.2e}");
+}
+
+fn mask(io: &HashMap<String, TensorData>, device: &Device) -> Tensor<2, Bool> {
+    tensor::<2>(io, "encoder_attention_mask", device).greater_elem(0.5)
+}
+
+fn rope(io: &HashMap<String, TensorData>, cfg: &Krea2Config, device: &Device) -> RopeTable {
+    let ids = io["position_ids"]
+        .clone()
+        .try_into_vec::<f32>()
+        .expect("f32");
+    let rows: Vec<[f32; 3]> = ids.chunks_exact(3).map(|r| [r[0], r[1], r[2]]).collect();
+    RopeTable::new(&rows, cfg.axes_dims_rope, cfg.rope_theta, device)
+}
+
+#[test]
+fn krea2_transformer_matches_diffusers() {
+    let cfg: Krea2Config = config("krea2");
+    let io = tensors("krea2", "inputs.safetensors");
+    let out = tensors("krea2", "outputs.safetensors");
+    for (name, device) in devices() {
+        let mut w = weights("krea2", "weights.safetensors");
+        let model = Krea2Transformer::load(&cfg, &mut w, &device).expect("model loads");
+        w.finish().expect("every weight used");
+        let rope = rope(&io, &cfg, &device);
+        let run = |m: Option<Tensor<2, Bool>>| {
+            model
+                .forward(
+                    tensor(&io, "hidden_states", &device),
+                    tensor(&io, "encoder_hidden_states", &device),
+                    tensor(&io, "timestep", &device),
+                    &rope,
+                    m,
+                )
+                .expect("forward")
+        };
+        assert_close(
+            &format!("krea2 masked ({name})"),
+            run(Some(mask(&io, &device))),
+            &out["sample"],
+        );
+        assert_close(
+            &format!("krea2 no mask ({name})"),
+            run(None),
+            &out["sample_nomask"],
+        );
+    }
+}
+
+#[test]
+fn krea2_original_names_load_the_same_model() {
+    let cfg: Krea2Config = config("krea2");
+    let io = tensors("krea2", "inputs.safetensors");
+    let out = tensors("krea2", "outputs.safetensors");
+    let device = Device::flex();
+    let mut w = krea2_original_to_diffusers(weights("krea2", "weights_original.safetensors"));
+    let model =
+        Krea2Transformer::load(&cfg, &mut w, &device).expect("model loads from original names");
+    w.finish().expect("every weight used");
+    let got = model
+        .forward(
+            tensor(&io, "hidden_states", &device),
+            tensor(&io, "encoder_hidden_states", &device),
+            tensor(&io, "timestep", &device),
+            &rope(&io, &cfg, &device),
+            Some(mask(&io, &device)),
+        )
+        .expect("forward");
+    assert_close("krea2 original names", got, &out["sample"]);
+}
+
+#[test]
+fn fully_padded_prompt_gives_no_nan() {
+    let cfg: Krea2Config = config("krea2");
+    let io = tensors("krea2", "inputs.safetensors");
+    for (name, device) in devices() {
+        let mut w = weights("krea2", "weights.safetensors");
+        let model = Krea2Transformer::load(&cfg, &mut w, &device).expect("model loads");
+        // Sample 0 keeps its real tokens; sample 1 has none at all.
+        let m = Tensor::<2>::from_data(
+            TensorData::new(
+                vec![1.0f32, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                [2, 5],
+            ),
+            &device,
+        )
+        .greater_elem(0.5);
+        let got = model
+            .forward(
+                tensor(&io, "hidden_states", &device),
+                tensor(&io, "encoder_hidden_states", &device),
+                tensor(&io, "timestep", &device),
+                &rope(&io, &cfg, &device),
+                Some(m),
+            )
+            .expect("forward");
+        let (_, v) = values(got);
+        assert!(
+            v.iter().all(|x| x.is_finite()),
+            "NaN/inf with a fully padded prompt ({name})"
+        );
+    }
+}
+
+#[test]
+fn padding_tokens_do_not_change_the_output() {
+    // Masked text tokens must not influence the image tokens: perturbing them changes nothing.
+    let cfg: Krea2Config = config("krea2");
+    let io = tensors("krea2", "inputs.safetensors");
+    let device = Device::flex();
+    let mut w = weights("krea2", "weights.safetensors");
+    let model = Krea2Transformer::load(&cfg, &mut w, &device).expect("model loads");
+    let ehs: Tensor<4> = tensor(&io, "encoder_hidden_states", &device);
+    let bump = Tensor::<4>::ones([1, 2, 3, 24], &device) * 5.0;
+    let changed = ehs.clone().slice_assign([1..2, 3..5, 0..3, 0..24], bump);
+    let run = |e: Tensor<4>| {
+        model
+            .forward(
+                tensor(&io, "hidden_states", &device),
+                e,
+                tensor(&io, "timestep", &device),
+                &rope(&io, &cfg, &device),
+                Some(mask(&io, &device)),
+            )
+            .expect("forward")
+    };
+    let (_, a) = values(run(ehs));
+    let (_, b) = values(run(changed));
+    let max = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(max < 1e-5, "padding changed the output by {max}");
+}
+
+#[test]
+fn patchify_round_trips_in_krea2_order() {
+    let device = Device::flex();
+    let xv: Vec<f32> = (0..2 * 3 * 4 * 6).map(|i| i as f32).collect();
+    let x = Tensor::<4>::from_data(TensorData::new(xv.clone(), [2, 3, 4, 6]), &device);
+    let p = patchify(x).expect("patchify");
+    assert_eq!(p.dims(), [2, 6, 12]);
+    // Token (row 0, col 1) = index 1; channel (c=1, ph=1, pw=0) = index 6; value x[0, 1, 1, 2].
+    let (_, pv) = values(p.clone());
+    assert_eq!(pv[12 + 6], xv[(4 + 1) * 6 + 2]);
+    let back = unpatchify(p, 2, 3).expect("unpatchify");
+    let (_, bv) = values(back);
+    assert_eq!(bv, xv);
+}
+
+#[test]
+fn vae_decoder_and_encoder_match_diffusers() {
+    let cfg: AutoencoderKlConfig = config("vae");
+    let io = tensors("vae", "inputs.safetensors");
+    let out = tensors("vae", "outputs.safetensors");
+    for (name, device) in devices() {
+        let mut w = weights("vae", "weights.safetensors");
+        let vae = AutoencoderKl::load(&cfg, &mut w, &device).expect("vae loads");
+        w.finish().expect("every weight used");
+        let sample = vae.decode(tensor(&io, "latents", &device)).expect("decode");
+        assert_close(&format!("vae decode ({name})"), sample, &out["sample"]);
+        let (mean, _) = vae.encode(tensor(&io, "images", &device)).expect("encode");
+        assert_close(
+            &format!("vae encode mean ({name})"),
+            mean,
+            &out["latent_mean"],
+        );
+    }
+}
+
+#[test]
+fn tiny_vae_matches_diffusers() {
+    let cfg: AutoencoderTinyConfig = config("tiny_vae");
+    let io = tensors("tiny_vae", "inputs.safetensors");
+    let out = tensors("tiny_vae", "outputs.safetensors");
+    for (name, device) in devices() {
+        let mut w = weights("tiny_vae", "weights.safetensors");
+        let vae = AutoencoderTiny::load(&cfg, &mut w, &device).expect("tiny vae loads");
+        w.finish().expect("every weight used");
+        let sample = vae
+            .decoder
+            .decode(tensor(&io, "latents", &device))
+            .expect("decode");
+        assert_close(&format!("tiny decode ({name})"), sample, &out["sample"]);
+        let latents = vae
+            .encoder
+            .encode(tensor(&io, "images", &device))
+            .expect("encode");
+        assert_close(&format!("tiny encode ({name})"), latents, &out["latents"]);
+    }
+}
+
+#[test]
+fn sampler_schedule_matches_flow_match_euler() {
+    let text = std::fs::read_to_string(dir("").join("scheduler.json")).expect("scheduler.json");
+    let json: serde_json::Value = serde_json::from_str(&text).expect("json");
+    let floats = |v: &serde_json::Value| -> Vec<f32> {
+        v.as_array()
+            .expect("array")
+            .iter()
+            .map(|x| x.as_f64().expect("number") as f32)
+            .collect()
+    };
+    for case in json["cases"].as_array().expect("cases") {
+        let steps = case["steps"].as_u64().expect("steps") as usize;
+        let mu = case["mu"].as_f64().expect("mu");
+        let s = FlowMatchEuler::new(steps, mu);
+        let want_sigmas = floats(&case["sigmas"]);
+        let want_t = floats(&case["timesteps"]);
+        assert_eq!(s.sigmas().len(), want_sigmas.len(), "steps {steps}");
+        for (a, b) in s.sigmas().iter().zip(&want_sigmas) {
+            assert!(
+                (a - b).abs() <= 1e-6,
+                "steps {steps} mu {mu}: sigma {a} vs {b}"
+            );
+        }
+        for (a, b) in s.timesteps_1000().iter().zip(&want_t) {
+            assert!(
+                (a - b).abs() <= 1e-4,
+                "steps {steps} mu {mu}: timestep {a} vs {b}"
+            );
+        }
+        let device = Device::flex();
+        let x = Tensor::<1>::from_data(TensorData::new(floats(&case["step0_x"]), [6]), &device);
+        let v = Tensor::<1>::from_data(TensorData::new(floats(&case["step0_v"]), [6]), &device);
+        let (_, got) = values(s.step(0, x, v));
+        for (a, b) in got.iter().zip(floats(&case["step0_out"])) {
+            assert!(
+                (a - b).abs() <= 1e-6,
+                "steps {steps}: Euler step {a} vs {b}"
+            );
+        }
+    }
+    for (n, mu) in json["mu_for_seq_len"].as_object().expect("mus") {
+        let n: usize = n.parse().expect("count");
+        let want = mu.as_f64().expect("mu");
+        assert!((Shift::KREA2.mu(n) - want).abs() < 1e-12, "mu({n})");
+    }
+}
