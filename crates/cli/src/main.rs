@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod device;
+mod reference_run;
 
 #[derive(Parser)]
 #[command(name = "unifusion", version, about = "UniFusion-Web native tools")]
@@ -22,6 +23,10 @@ enum Command {
     /// Benchmarks: each component beside its baseline, as a markdown table.
     #[command(subcommand)]
     Bench(bench::Bench),
+    /// One forward of a model on given inputs, every hidden state written out, for parity
+    /// against any reference implementation.
+    #[command(subcommand)]
+    ReferenceRun(reference_run::ReferenceRun),
 }
 
 /// Errors a command reports before exiting.
@@ -39,6 +44,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(b) => bench::run(b),
+        Command::ReferenceRun(r) => reference_run::run(r),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -11,16 +11,20 @@ use clap::Subcommand;
 use crate::CliError;
 
 mod kernels;
+mod vlm;
 
 #[derive(Subcommand)]
 pub enum Bench {
     /// Hand-written WGSL kernels against their burn tensor-op references.
     Kernels(kernels::Args),
+    /// VLM prefill and decode tokens/s beside PyTorch CPU (transformers).
+    Vlm(vlm::Args),
 }
 
 pub fn run(bench: Bench) -> Result<(), CliError> {
     match bench {
         Bench::Kernels(args) => kernels::run(args),
+        Bench::Vlm(args) => vlm::run(args),
     }
 }
 
