@@ -118,3 +118,30 @@ test('parseRange follows RFC 9110 for single ranges', () => {
   assert.equal(parseRange('bytes=0-1,3-4', 10), null);
   assert.equal(parseRange('items=0-1', 10), null);
 });
+
+test('the command line prints the URL it serves', async (t) => {
+  const { spawn } = await import('node:child_process');
+  const script = new URL('../scripts/serve.mjs', import.meta.url).pathname;
+  const child = spawn(process.execPath, [script, '--port', '0', '--root', root]);
+  t.after(() => child.kill());
+  const url = await new Promise((resolve, reject) => {
+    let out = '';
+    child.stdout.on('data', (d) => {
+      out += d;
+      const m = /(http:\/\/127\.0\.0\.1:\d+\/)/.exec(out);
+      if (m) resolve(m[1]);
+    });
+    child.on('exit', (code) => reject(new Error(`serve exited with ${code}: ${out}`)));
+  });
+  const page = await fetch(url);
+  assert.equal(page.status, 200);
+  assert.match(await page.text(), /<title>t<\/title>/);
+});
+
+test('the command line rejects a bad port with exit code 2', async () => {
+  const { spawnSync } = await import('node:child_process');
+  const script = new URL('../scripts/serve.mjs', import.meta.url).pathname;
+  const r = spawnSync(process.execPath, [script, '--port', 'eighty'], { encoding: 'utf8' });
+  assert.equal(r.status, 2);
+  assert.match(r.stderr, /--port must be an integer/);
+});
