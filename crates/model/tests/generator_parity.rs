@@ -323,3 +323,69 @@ fn sampler_schedule_matches_flow_match_euler() {
         assert!((Shift::KREA2.mu(n) - want).abs() < 1e-12, "mu({n})");
     }
 }
+
+#[test]
+fn sampling_loop_with_cfg_matches_diffusers() {
+    use std::ops::ControlFlow;
+    use unifusion_model::generator::sampler::{Guided, sample};
+
+    let cfg: Krea2Config = config("krea2");
+    let io = tensors("krea2", "inputs.safetensors");
+    let out = tensors("krea2", "outputs.safetensors");
+    for (name, device) in devices() {
+        let mut w = weights("krea2", "weights.safetensors");
+        let model = Krea2Transformer::load(&cfg, &mut w, &device).expect("model loads");
+        let cond = model
+            .encode_text(
+                tensor(&io, "encoder_hidden_states", &device),
+                Some(mask(&io, &device)),
+            )
+            .expect("cond");
+        let null_mask = tensor::<2>(&io, "null_encoder_attention_mask", &device).greater_elem(0.5);
+        let null = model
+            .encode_text(
+                tensor(&io, "null_encoder_hidden_states", &device),
+                Some(null_mask),
+            )
+            .expect("null");
+        let rope = rope(&io, &cfg, &device);
+        let denoiser = Guided {
+            model: &model,
+            cond: &cond,
+            null: Some(&null),
+            guidance: 2.5,
+            rope: &rope,
+        };
+        let mut seen = Vec::new();
+        let x = sample(
+            &FlowMatchEuler::new(3, 0.7),
+            &denoiser,
+            tensor(&io, "hidden_states", &device),
+            |info, _| {
+                seen.push(info.done);
+                ControlFlow::Continue(())
+            },
+        )
+        .expect("sampling");
+        assert_eq!(seen, [1, 2, 3]);
+        assert_close(
+            &format!("3 Euler steps with CFG ({name})"),
+            x,
+            &out["sampled_3_steps_cfg"],
+        );
+    }
+}
+
+#[test]
+fn seeded_noise_is_identical_on_every_backend() {
+    use unifusion_model::generator::sampler::seeded_noise;
+    let runs: Vec<Vec<f32>> = devices()
+        .into_iter()
+        .map(|(_, device)| values(seeded_noise::<4>(42, [1, 16, 6, 10], &device)).1)
+        .collect();
+    assert_eq!(runs[0], runs[1], "Flex and wgpu noise differ");
+    assert_ne!(
+        runs[0],
+        values(seeded_noise::<4>(43, [1, 16, 6, 10], &Device::flex())).1
+    );
+}
