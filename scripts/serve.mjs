@@ -84,9 +84,11 @@ function send(res, status, headers, body = '') {
 
 /**
  * Creates (does not start) the server.
- * @param {{root: string, models?: string}} options repository root; models directory
+ * @param {{root: string, models?: string, intercept?: Function}} options repository root;
+ *   models directory; `intercept(req, res, file)` runs before a file is sent (tests use it to
+ *   count requests and inject faults) and returns true when it has answered the request itself
  */
-export function createServer({ root, models }) {
+export function createServer({ root, models, intercept }) {
   const absRoot = path.resolve(root);
   const mounts = {
     index: path.join(absRoot, 'index.html'),
@@ -122,6 +124,8 @@ export function createServer({ root, models }) {
       info = null;
     }
     if (!info || !info.isFile()) return send(res, 404, common, 'not found\n');
+
+    if (intercept && (await intercept(req, res, file, info))) return;
 
     const name = path.basename(file);
     const immutable = CONTENT_ADDRESSED.test(name);

@@ -23,11 +23,12 @@ export const CHROMIUM_FLAGS = [
 ];
 
 /**
- * Serves the repo, launches Chromium with a fresh user-data-dir and opens `pathname`.
- * Everything is torn down when the test `t` ends.
+ * Serves the repo (and `models` as the model CDN), launches Chromium with a fresh user-data-dir
+ * and opens `pathname`. Everything is torn down when the test `t` ends. The session's `server`
+ * can be closed early to test offline behaviour.
  */
-export async function openPage(t, pathname = '/') {
-  const server = createServer({ root: ROOT });
+export async function openPage(t, pathname = '/', { models, intercept } = {}) {
+  const server = createServer({ root: ROOT, models, intercept });
   const base = await listen(server, 0);
   const profile = await mkdtemp(path.join(tmpdir(), 'unifusion-chromium-'));
   const context = await chromium.launchPersistentContext(profile, {
@@ -41,7 +42,7 @@ export async function openPage(t, pathname = '/') {
     await rm(profile, { recursive: true, force: true });
   });
   const page = context.pages()[0] ?? (await context.newPage());
-  const session = { page, base, console: [], pageErrors: [] };
+  const session = { page, base, server, context, console: [], pageErrors: [] };
   page.on('console', (msg) => session.console.push(`${msg.type()}: ${msg.text()}`));
   page.on('pageerror', (err) => session.pageErrors.push(String(err)));
   await page.goto(new URL(pathname, base).href);
