@@ -389,3 +389,56 @@ fn seeded_noise_is_identical_on_every_backend() {
         values(seeded_noise::<4>(43, [1, 16, 6, 10], &Device::flex())).1
     );
 }
+
+#[test]
+fn named_configs_validate_and_random_init_builds_a_working_model() {
+    use unifusion_model::generator::{RandomInit, position_ids};
+    for cfg in [
+        Krea2Config::krea2(),
+        Krea2Config::unifusion_8b(),
+        Krea2Config::tiny(),
+    ] {
+        cfg.validate().expect("named config is valid");
+    }
+    let mut bad = Krea2Config::tiny();
+    bad.axes_dims_rope = [2, 2, 2];
+    assert!(bad.validate().is_err());
+    AutoencoderKlConfig::flux()
+        .validate()
+        .expect("flux vae config");
+    AutoencoderTinyConfig::taef1()
+        .validate()
+        .expect("taef1 config");
+
+    let device = Device::flex();
+    let cfg = Krea2Config::tiny();
+    let model =
+        Krea2Transformer::load(&cfg, &mut RandomInit::new(0, 0.05), &device).expect("random model");
+    let rope = RopeTable::new(
+        &position_ids(4, 2, 3),
+        cfg.axes_dims_rope,
+        cfg.rope_theta,
+        &device,
+    );
+    let v = model
+        .forward(
+            Tensor::zeros([1, 6, cfg.in_channels], &device),
+            Tensor::ones([1, 4, cfg.num_text_layers, cfg.text_hidden_dim], &device),
+            Tensor::from_data(TensorData::new(vec![0.3f32], [1]), &device),
+            &rope,
+            None,
+        )
+        .expect("forward");
+    assert_eq!(v.dims(), [1, 6, cfg.in_channels]);
+    // Wrong inputs fail with the tensor's name instead of panicking.
+    let err = model
+        .forward(
+            Tensor::zeros([1, 6, cfg.in_channels + 1], &device),
+            Tensor::ones([1, 4, cfg.num_text_layers, cfg.text_hidden_dim], &device),
+            Tensor::from_data(TensorData::new(vec![0.3f32], [1]), &device),
+            &rope,
+            None,
+        )
+        .expect_err("bad width");
+    assert!(err.to_string().contains("hidden_states"), "{err}");
+}

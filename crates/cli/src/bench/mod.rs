@@ -10,6 +10,7 @@ use clap::Subcommand;
 
 use crate::CliError;
 
+mod dit;
 mod kernels;
 mod vlm;
 
@@ -17,6 +18,8 @@ mod vlm;
 pub enum Bench {
     /// Hand-written WGSL kernels against their burn tensor-op references.
     Kernels(kernels::Args),
+    /// Krea-2-style DiT forward and VAE decodes beside diffusers on PyTorch CPU.
+    Dit(dit::Args),
     /// VLM prefill and decode tokens/s beside PyTorch CPU (transformers).
     Vlm(vlm::Args),
 }
@@ -24,6 +27,7 @@ pub enum Bench {
 pub fn run(bench: Bench) -> Result<(), CliError> {
     match bench {
         Bench::Kernels(args) => kernels::run(args),
+        Bench::Dit(args) => dit::run(args),
         Bench::Vlm(args) => vlm::run(args),
     }
 }

@@ -217,10 +217,9 @@ fn f16_to_f32(h: u16) -> f32 {
     f32::from_bits(bits)
 }
 
-/// Seeded random parameters for training from scratch and for benchmarks: every tensor
-/// `~ N(0, std²)`, except norm scales (names ending in `norm.weight`, `norm_q.weight`, ...)
-/// which Krea 2 stores as offsets from one and start at zero. The same seed gives the same
-/// numbers on every backend (the values are drawn on the host).
+/// Seeded random parameters: every tensor `~ N(0, std²)`, drawn on the host so a seed gives
+/// the same model on every backend. Meant for benchmarks and shape tests, not as a training
+/// init (GroupNorm scales, for one, would start near zero).
 #[derive(Debug)]
 pub struct RandomInit {
     rng: SeededNormal,
