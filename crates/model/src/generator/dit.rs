@@ -203,6 +203,10 @@ pub struct Krea2Transformer {
     pub text_hidden_dim: usize,
     /// Latent channels per token.
     pub in_channels: usize,
+    /// RoPE head-dim split over (t, h, w).
+    pub rope_axes: [usize; 3],
+    /// RoPE base.
+    pub rope_theta: f64,
 }
 
 impl Krea2Transformer {
@@ -245,6 +249,8 @@ impl Krea2Transformer {
             num_text_layers: config.num_text_layers,
             text_hidden_dim: config.text_hidden_dim,
             in_channels: c,
+            rope_axes: config.axes_dims_rope,
+            rope_theta: config.rope_theta,
         })
     }
 

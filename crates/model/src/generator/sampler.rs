@@ -15,8 +15,8 @@ use std::ops::ControlFlow;
 use burn::tensor::{Device, Tensor, TensorData};
 
 use super::GeneratorError;
-use super::dit::{Krea2Transformer, TextCondition};
-use super::rope::RopeTable;
+use super::dit::{Krea2Transformer, TextCondition, patchify, unpatchify};
+use super::rope::{RopeTable, position_ids};
 
 /// How μ (the log-SNR shift) is chosen.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -242,6 +242,62 @@ impl Denoiser<3> for Guided<'_> {
             _ => Ok(v),
         }
     }
+}
+
+/// What [`generate_latents`] needs besides the model and the text conditions.
+#[derive(Clone, Copy, Debug)]
+pub struct GenerateOptions {
+    /// Euler steps.
+    pub steps: usize,
+    /// μ rule (fixed or by image token count).
+    pub shift: Shift,
+    /// CFG weight `w` (1 = no guidance).
+    pub guidance: f32,
+    /// Seed of the initial noise.
+    pub seed: u64,
+    /// VAE latent height (even; the DiT sees `height/2 × width/2` tokens).
+    pub height: usize,
+    /// VAE latent width (even).
+    pub width: usize,
+}
+
+/// Text-to-latents: seeded noise `[B, C, h, w]` (C = `in_channels / 4`) → 2×2 patchify →
+/// [`sample`] with [`Guided`] on the [`FlowMatchEuler`] schedule → unpatchify. Returns the
+/// pipeline latents, ready for the VAE's `unscale_latents` and `decode`. `null` must have the
+/// same text length as `cond` (pad it with the mask).
+pub fn generate_latents(
+    model: &Krea2Transformer,
+    cond: &TextCondition,
+    null: Option<&TextCondition>,
+    options: &GenerateOptions,
+    on_step: impl FnMut(StepInfo, &Tensor<3>) -> ControlFlow<()>,
+) -> Result<Tensor<4>, SampleError> {
+    let [batch, text_len, _] = cond.tokens.dims();
+    let device = cond.tokens.device();
+    let (gh, gw) = (options.height / 2, options.width / 2);
+    let channels = model.in_channels / 4;
+    let noise = seeded_noise::<4>(
+        options.seed,
+        [batch, channels, options.height, options.width],
+        &device,
+    );
+    let x = patchify(noise)?;
+    let rope = RopeTable::new(
+        &position_ids(text_len, gh, gw),
+        model.rope_axes,
+        model.rope_theta,
+        &device,
+    );
+    let denoiser = Guided {
+        model,
+        cond,
+        null,
+        guidance: options.guidance,
+        rope: &rope,
+    };
+    let scheduler = FlowMatchEuler::with_shift(options.steps, options.shift, gh * gw);
+    let x = sample(&scheduler, &denoiser, x, on_step)?;
+    Ok(unpatchify(x, gh, gw)?)
 }
 
 /// Standard normal numbers from a seed, identical on every platform: SplitMix64 uniforms and
