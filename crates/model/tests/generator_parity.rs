@@ -491,3 +491,19 @@ fn seeded_generation_is_reproducible_across_backends() {
     assert!(max <= TOL, "Flex and wgpu generations differ by {max}");
     eprintln!("seeded generation, Flex vs wgpu: max abs diff {max:.2e}");
 }
+
+#[test]
+fn lap_layer_dropout_zeroes_only_the_chosen_pooling_weights() {
+    let cfg: Krea2Config = config("krea2");
+    let device = Device::flex();
+    let mut w = weights("krea2", "weights.safetensors");
+    let model = Krea2Transformer::load(&cfg, &mut w, &device).expect("model loads");
+    let (_, before) = values(model.text_fusion.pooling_weights());
+    let fusion = model.text_fusion.drop_layers(&[0, 2, 99]);
+    let (_, after) = values(fusion.pooling_weights());
+    assert_eq!(after.len(), cfg.num_text_layers);
+    assert_eq!(after[0], 0.0);
+    assert_eq!(after[2], 0.0);
+    assert_eq!(after[1], before[1]);
+    assert_ne!(before[1], 0.0);
+}

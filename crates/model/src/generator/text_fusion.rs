@@ -6,10 +6,10 @@
 //! refiner blocks attend across tokens (key-padding mask, no positions) → `txt_in`
 //! (RMSNorm → Linear → GELU(tanh) → Linear) → `[B, L, D]`.
 
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::tensor::activation::gelu_approximate;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Tensor, TensorData};
 
 use super::config::Krea2Config;
 use super::layers::{Attention, KeyMask, Krea2RmsNorm, SwiGlu};
@@ -130,6 +130,19 @@ impl TextFusion {
     pub fn pooling_weights(&self) -> Tensor<1> {
         let [n, _] = self.projector.weight.dims();
         self.projector.weight.val().reshape([n])
+    }
+
+    /// The paper's layer-dropout probe: zero the pooling weights of the tapped layers in
+    /// `layers` (indices into the `n` taps; out-of-range indices are ignored).
+    pub fn drop_layers(mut self, layers: &[usize]) -> Self {
+        let weight = self.projector.weight.val();
+        let [n, _] = weight.dims();
+        let keep: Vec<f32> = (0..n)
+            .map(|i| if layers.contains(&i) { 0.0 } else { 1.0 })
+            .collect();
+        let keep = Tensor::<2>::from_data(TensorData::new(keep, [n, 1]), &weight.device());
+        self.projector.weight = Param::from_tensor(weight * keep);
+        self
     }
 }
 
