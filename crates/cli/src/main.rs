@@ -9,6 +9,8 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod device;
+mod inspect;
+mod pack;
 mod reference_run;
 
 #[derive(Parser)]
@@ -27,6 +29,10 @@ enum Command {
     /// against any reference implementation.
     #[command(subcommand)]
     ReferenceRun(reference_run::ReferenceRun),
+    /// Convert checkpoints into content-addressed shards and a manifest (docs/WEIGHTS.md).
+    Pack(pack::Args),
+    /// Summarise a packed model; `--verify` also checks every shard's size and sha256.
+    Inspect(inspect::Args),
 }
 
 /// Errors a command reports before exiting.
@@ -45,6 +51,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Bench(b) => bench::run(b),
         Command::ReferenceRun(r) => reference_run::run(r),
+        Command::Pack(a) => pack::run(a),
+        Command::Inspect(a) => inspect::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

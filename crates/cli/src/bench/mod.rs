@@ -12,12 +12,15 @@ use crate::CliError;
 
 mod dit;
 mod kernels;
+mod load;
 mod vlm;
 
 #[derive(Subcommand)]
 pub enum Bench {
     /// Hand-written WGSL kernels against their burn tensor-op references.
     Kernels(kernels::Args),
+    /// Streaming weight load: peak RSS against the largest shard + 32 MiB.
+    Load(load::Args),
     /// Krea-2-style DiT forward and VAE decodes beside diffusers on PyTorch CPU.
     Dit(dit::Args),
     /// VLM prefill and decode tokens/s beside PyTorch CPU (transformers).
@@ -27,6 +30,7 @@ pub enum Bench {
 pub fn run(bench: Bench) -> Result<(), CliError> {
     match bench {
         Bench::Kernels(args) => kernels::run(args),
+        Bench::Load(args) => load::run(args),
         Bench::Dit(args) => dit::run(args),
         Bench::Vlm(args) => vlm::run(args),
     }
