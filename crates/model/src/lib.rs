@@ -4,8 +4,11 @@
 //!   with hidden-state taps and KV-cache greedy generation for VERIFI.
 //! - [`generator`]: Layerwise Attention Pooling + refiner (text fusion), the single-stream DiT,
 //!   the flow-matching sampler and the VAE decoders.
+//! - [`pipeline`]: UniFusion end to end: VERIFI rewrite + taps → LAP → DiT sampling → VAE,
+//!   for text-to-image, editing, multi-reference, variation and zero-shot editing.
 //!
 //! Weights come in through `burn-store` adapters in the weights crate; nothing here reads files.
 
 pub mod generator;
+pub mod pipeline;
 pub mod vlm;

@@ -1,0 +1,81 @@
+//! What the pipeline is configured with: which VLM hidden states feed LAP, the VERIFI system
+//! prompt and rewrite budget, tiling; and the serde `config.json` of a whole UniFusion model
+//! directory (VLM + transformer + VAE + pipeline), so every front end reads one format.
+
+use serde::{Deserialize, Serialize};
+
+use crate::generator::{AutoencoderKlConfig, AutoencoderTinyConfig, Krea2Config};
+use crate::vlm::InternVlConfig;
+
+/// The VERIFI system prompt: asks the VLM for a description of the *target* image, whatever
+/// the request's form (a description, an instruction, images only).
+pub const VERIFI_SYSTEM_PROMPT: &str = "You are an image generation assistant. Rewrite the user's request as one detailed description of the target image: its subjects, their attributes and positions, the setting, lighting, style and any text in it. If images are given, describe the image that results from applying the request to them. Answer with the description only.";
+
+/// Hidden-state indices (transformers numbering, 0 = embeddings, `num_layers` = post-norm)
+/// of every third layer: `0, 3, 6, …` up to `num_layers` (10 taps for a 28-layer LLM).
+pub fn every_third_layer(num_layers: usize) -> Vec<usize> {
+    (0..=num_layers).step_by(3).collect()
+}
+
+/// How the pipeline drives the VLM.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PipelineConfig {
+    /// Tapped hidden-state indices, in the order LAP expects them (empty = every third).
+    pub taps: Vec<usize>,
+    /// VERIFI's system prompt.
+    pub system_prompt: String,
+    /// Most tokens the VLM may write when rewriting the request.
+    pub max_rewrite_tokens: usize,
+    /// Tokens that end the rewrite (emitted, then decoding stops), e.g. `<|im_end|>`.
+    pub stop_tokens: Vec<u32>,
+    /// Most 448-px (tile-size) tiles per input image, thumbnail not counted (paper: 10).
+    pub max_tiles: usize,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            taps: Vec::new(),
+            system_prompt: VERIFI_SYSTEM_PROMPT.into(),
+            max_rewrite_tokens: 256,
+            stop_tokens: Vec::new(),
+            max_tiles: 10,
+        }
+    }
+}
+
+impl PipelineConfig {
+    /// The taps to use for an LLM of `num_layers` layers (the configured list, or every third).
+    pub fn taps_for(&self, num_layers: usize) -> Vec<usize> {
+        if self.taps.is_empty() {
+            every_third_layer(num_layers)
+        } else {
+            self.taps.clone()
+        }
+    }
+}
+
+/// Which VAE decodes the latents.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "config", rename_all = "snake_case")]
+pub enum VaeConfig {
+    /// `AutoencoderKL` (FLUX layout).
+    Kl(AutoencoderKlConfig),
+    /// `AutoencoderTiny` (TAEF1 layout).
+    Tiny(AutoencoderTinyConfig),
+}
+
+/// `config.json` of a UniFusion model directory (see README "Generate from the command line").
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UniFusionConfig {
+    /// The VLM (transformers `InternVLConfig` layout).
+    pub vlm: InternVlConfig,
+    /// The LAP + refiner + DiT (diffusers `Krea2Transformer2DModel` config).
+    pub transformer: Krea2Config,
+    /// The VAE.
+    pub vae: VaeConfig,
+    /// Taps, system prompt, rewrite budget.
+    #[serde(default)]
+    pub pipeline: PipelineConfig,
+}
