@@ -9,9 +9,14 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod device;
+mod edit;
+mod generate;
 mod inspect;
 mod pack;
+mod pipeline_tokenizer;
+mod png_meta;
 mod reference_run;
+mod tiny_model;
 
 #[derive(Parser)]
 #[command(name = "unifusion", version, about = "UniFusion-Web native tools")]
@@ -33,6 +38,14 @@ enum Command {
     Pack(pack::Args),
     /// Summarise a packed model; `--verify` also checks every shard's size and sha256.
     Inspect(inspect::Args),
+    /// Text-to-image: the VLM rewrites the prompt (VERIFI), the DiT draws it; writes a PNG.
+    Generate(generate::Args),
+    /// Edit one image (or compose several: multi-reference) by an instruction.
+    Edit(edit::EditArgs),
+    /// A variation of one or more images (no prompt).
+    Variation(edit::VariationArgs),
+    /// Write a seeded tiny random model directory (noise images; for trying the tools).
+    MakeTinyModel(tiny_model::Args),
 }
 
 /// Errors a command reports before exiting.
@@ -47,12 +60,32 @@ pub enum CliError {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // One line (clap's first, with the item it announces), exit 2.
+            let text = e.to_string();
+            let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+            let mut line = lines.next().unwrap_or("bad arguments").to_string();
+            if line.ends_with(':')
+                && let Some(next) = lines.next()
+            {
+                line = format!("{line} {next}");
+            }
+            eprintln!("unifusion: {}", line.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Command::Bench(b) => bench::run(b),
         Command::ReferenceRun(r) => reference_run::run(r),
         Command::Pack(a) => pack::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Edit(a) => edit::run_edit(a),
+        Command::Variation(a) => edit::run_variation(a),
+        Command::MakeTinyModel(a) => tiny_model::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,220 @@
+//! `unifusion make-tiny-model`, `generate`, `edit`, `variation` as a user runs them: PNGs of
+//! the requested size with the settings in text chunks; bad input is one line and exit 2.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn unifusion(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_unifusion"))
+        .args(args)
+        .output()
+        .expect("run unifusion")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "unifusion-pipeline-cli-{}-{name}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+/// `(width, height, tEXt/iTXt chunks)` of a PNG, read chunk by chunk (independent of the
+/// CLI's own reader).
+fn png_info(path: &Path) -> (u32, u32, Vec<(String, String)>) {
+    let bytes = std::fs::read(path).expect("png");
+    assert_eq!(&bytes[..8], &[137, 80, 78, 71, 13, 10, 26, 10]);
+    let mut pos = 8;
+    let (mut w, mut h, mut text) = (0, 0, Vec::new());
+    while pos + 8 <= bytes.len() {
+        let len = u32::from_be_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
+        let kind = &bytes[pos + 4..pos + 8];
+        let data = &bytes[pos + 8..pos + 8 + len];
+        if kind == b"IHDR" {
+            w = u32::from_be_bytes(data[0..4].try_into().unwrap());
+            h = u32::from_be_bytes(data[4..8].try_into().unwrap());
+        }
+        if kind == b"tEXt" || kind == b"iTXt" {
+            let nul = data.iter().position(|&b| b == 0).unwrap();
+            let key = String::from_utf8_lossy(&data[..nul]).into_owned();
+            let value = if kind == b"tEXt" {
+                data[nul + 1..].iter().map(|&b| b as char).collect()
+            } else {
+                let rest = &data[nul + 3..];
+                let mut parts = rest.splitn(3, |&b| b == 0);
+                let _ = (parts.next(), parts.next());
+                String::from_utf8_lossy(parts.next().unwrap_or(&[])).into_owned()
+            };
+            text.push((key, value));
+        }
+        pos += 12 + len;
+    }
+    (w, h, text)
+}
+
+fn get<'a>(text: &'a [(String, String)], key: &str) -> &'a str {
+    text.iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_else(|| panic!("no {key} chunk"))
+}
+
+#[test]
+fn tiny_model_generates_edits_and_varies_with_metadata() {
+    let dir = scratch("ok");
+    let model = dir.join("model");
+    let m = model.to_str().unwrap();
+    let o = unifusion(&["make-tiny-model", "--out", m]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let common = ["--model", m, "--steps", "2", "--backend", "flex", "--quiet"];
+
+    let generated = dir.join("gen.png");
+    let mut args = vec![
+        "generate",
+        "--prompt",
+        "a red cube",
+        "--seed",
+        "5",
+        "--width",
+        "40",
+        "--height",
+        "24",
+    ];
+    args.extend(["--out", generated.to_str().unwrap()]);
+    args.extend(common);
+    let o = unifusion(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (w, h, text) = png_info(&generated);
+    assert_eq!((w, h), (40, 24));
+    assert_eq!(get(&text, "unifusion:prompt"), "a red cube");
+    assert_eq!(get(&text, "unifusion:seed"), "5");
+    assert_eq!(get(&text, "unifusion:steps"), "2");
+    assert_eq!(get(&text, "unifusion:task"), "text-to-image");
+    assert!(get(&text, "unifusion:rewritten_ids").starts_with('['));
+    let _ = get(&text, "unifusion:rewritten_prompt");
+
+    // An edit, a multi-reference edit and a variation on the generated PNG.
+    let out = dir.join("edit.png");
+    let g = generated.to_str().unwrap();
+    for (args, task) in [
+        (
+            vec!["edit", "--image", g, "--prompt", "make it blue"],
+            "edit",
+        ),
+        (
+            vec![
+                "edit",
+                "--image",
+                g,
+                "--image",
+                g,
+                "--prompt",
+                "two of them",
+            ],
+            "multi-reference",
+        ),
+        (
+            vec![
+                "edit",
+                "--image",
+                g,
+                "--prompt",
+                "make it blue",
+                "--zero-shot",
+            ],
+            "zero-shot-edit (15% image steps)",
+        ),
+        (vec!["variation", "--image", g], "variation"),
+    ] {
+        let mut args = args.clone();
+        args.extend([
+            "--out",
+            out.to_str().unwrap(),
+            "--width",
+            "16",
+            "--height",
+            "32",
+        ]);
+        args.extend(common);
+        let o = unifusion(&args);
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let (w, h, text) = png_info(&out);
+        assert_eq!((w, h), (16, 32), "{args:?}");
+        assert_eq!(get(&text, "unifusion:task"), task);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_generate_input_is_one_line_and_exit_2() {
+    let dir = scratch("bad");
+    let model = dir.join("model");
+    let m = model.to_str().unwrap();
+    assert!(unifusion(&["make-tiny-model", "--out", m]).status.success());
+    let text = dir.join("not.png");
+    std::fs::write(&text, "hello").unwrap();
+    let t = text.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["generate", "--model", m, "--prompt", ""],
+            "prompt is empty",
+        ),
+        (
+            vec!["generate", "--model", "/nonexistent", "--prompt", "x"],
+            "no such model directory",
+        ),
+        (
+            vec!["generate", "--model", m, "--prompt", "x", "--width", "30"],
+            "multiples of",
+        ),
+        (
+            vec!["generate", "--model", m, "--prompt", "x", "--width", "0"],
+            "empty",
+        ),
+        (
+            vec![
+                "generate",
+                "--model",
+                m,
+                "--prompt",
+                "x",
+                "--backend",
+                "cuda",
+            ],
+            "invalid value",
+        ),
+        (
+            vec![
+                "edit",
+                "--model",
+                m,
+                "--prompt",
+                "x",
+                "--image",
+                "/nonexistent.png",
+            ],
+            "no such file",
+        ),
+        (
+            vec!["edit", "--model", m, "--prompt", "x", "--image", t],
+            "not a PNG",
+        ),
+        (vec!["variation", "--model", m], "--image"),
+        (vec!["make-tiny-model", "--out", m], "not empty"),
+    ];
+    for (args, needle) in cases {
+        let o = unifusion(&args);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
