@@ -153,10 +153,8 @@ impl ByteLevel {
         for id in ids {
             if let Some(b) = self.id_bytes.get(id) {
                 bytes.push(*b);
-            } else if let Some((s, _, special)) = self.added.iter().find(|t| t.1 == *id) {
-                if !special {
-                    bytes.extend_from_slice(s.as_bytes());
-                }
+            } else if let Some((s, _, false)) = self.added.iter().find(|t| t.1 == *id) {
+                bytes.extend_from_slice(s.as_bytes());
             }
         }
         Ok(String::from_utf8_lossy(&bytes).into_owned())
@@ -170,25 +168,28 @@ mod tests {
     /// The tiny tokenizer against the ids PyPI `tokenizers` gives (tests/fixtures/vlm).
     #[test]
     fn byte_level_matches_the_fixture_cases() {
-        let t = ByteLevel::from_bytes(crate::tiny_model::TINY_TOKENIZER.as_bytes()).unwrap();
+        let t = ByteLevel::from_bytes(crate::tiny_model::TINY_TOKENIZER.as_bytes())
+            .expect("test value");
         let cases: serde_json::Value = serde_json::from_str(include_str!(
             "../../../tests/fixtures/vlm/tokenizer_cases.json"
         ))
-        .unwrap();
-        let cases = cases.as_array().unwrap();
+        .expect("test value");
+        let cases = cases.as_array().expect("test value");
         assert!(!cases.is_empty());
         for case in cases {
-            let text = case["text"].as_str().unwrap();
+            let text = case["text"].as_str().expect("test value");
             let want: Vec<u32> = case["ids"]
                 .as_array()
-                .unwrap()
+                .expect("test value")
                 .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
+                .map(|v| v.as_u64().expect("test value") as u32)
                 .collect();
-            assert_eq!(t.encode(text).unwrap(), want, "{text:?}");
+            assert_eq!(t.encode(text).expect("test value"), want, "{text:?}");
         }
         assert_eq!(t.token_id("<|im_end|>"), Some(257));
-        let ids = t.encode("<|im_start|>héllo<IMG_CONTEXT>").unwrap();
-        assert_eq!(t.decode(&ids).unwrap(), "héllo");
+        let ids = t
+            .encode("<|im_start|>héllo<IMG_CONTEXT>")
+            .expect("test value");
+        assert_eq!(t.decode(&ids).expect("test value"), "héllo");
     }
 }

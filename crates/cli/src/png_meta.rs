@@ -64,7 +64,10 @@ fn adler32(data: &[u8]) -> u32 {
 }
 
 /// The chunks of a PNG file: `(type, data)`, CRCs checked.
-fn chunks(bytes: &[u8]) -> Result<Vec<([u8; 4], &[u8])>, String> {
+/// `(type, data)` of one chunk.
+type Chunk<'a> = ([u8; 4], &'a [u8]);
+
+fn chunks(bytes: &[u8]) -> Result<Vec<Chunk<'_>>, String> {
     if bytes.len() < 8 || bytes[..8] != SIGNATURE {
         return Err("not a PNG image (only PNG is read)".into());
     }
@@ -340,9 +343,9 @@ mod tests {
             ("prompt", "a cube".to_string()),
             ("rewrite", "ein Würfel → blau".to_string()),
         ];
-        let bytes = encode_png(&image, &text).unwrap();
-        assert_eq!(decode_png(&bytes).unwrap(), image);
-        let got = png_text(&bytes).unwrap();
+        let bytes = encode_png(&image, &text).expect("test value");
+        assert_eq!(decode_png(&bytes).expect("test value"), image);
+        let got = png_text(&bytes).expect("test value");
         assert_eq!(got[0], ("prompt".into(), "a cube".into()));
         assert_eq!(got[1], ("rewrite".into(), "ein Würfel → blau".into()));
     }
@@ -365,7 +368,7 @@ mod tests {
             },
             &[],
         )
-        .unwrap();
+        .expect("test value");
         let n = bytes.len();
         bytes[n - 20] ^= 0xff; // inside IDAT
         assert!(decode_png(&bytes).is_err());

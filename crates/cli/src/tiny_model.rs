@@ -36,10 +36,13 @@ pub struct Args {
     pub seed: u64,
 }
 
+/// `(name, shape, values)` of checkpoint tensors.
+type NamedTensors = Vec<(String, Vec<usize>, Vec<f32>)>;
+
 /// Records every tensor a loader asks for, drawing it from a seeded random source.
 struct Recorder {
     inner: RandomInit,
-    tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+    tensors: NamedTensors,
 }
 
 impl ParamSource for Recorder {
@@ -127,11 +130,11 @@ fn vlm_tensors(
     config: &InternVlConfig,
     seed: u64,
     device: &Device,
-) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>, CliError> {
+) -> Result<NamedTensors, CliError> {
     let mut shapes: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for _ in 0..10_000 {
         let mut rng = SeededNormal::new(seed);
-        let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = shapes
+        let tensors: NamedTensors = shapes
             .iter()
             .map(|(name, shape)| {
                 let n = shape.iter().product();

@@ -29,15 +29,15 @@ fn png_info(path: &Path) -> (u32, u32, Vec<(String, String)>) {
     let mut pos = 8;
     let (mut w, mut h, mut text) = (0, 0, Vec::new());
     while pos + 8 <= bytes.len() {
-        let len = u32::from_be_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
+        let len = u32::from_be_bytes(bytes[pos..pos + 4].try_into().expect("test value")) as usize;
         let kind = &bytes[pos + 4..pos + 8];
         let data = &bytes[pos + 8..pos + 8 + len];
         if kind == b"IHDR" {
-            w = u32::from_be_bytes(data[0..4].try_into().unwrap());
-            h = u32::from_be_bytes(data[4..8].try_into().unwrap());
+            w = u32::from_be_bytes(data[0..4].try_into().expect("test value"));
+            h = u32::from_be_bytes(data[4..8].try_into().expect("test value"));
         }
         if kind == b"tEXt" || kind == b"iTXt" {
-            let nul = data.iter().position(|&b| b == 0).unwrap();
+            let nul = data.iter().position(|&b| b == 0).expect("test value");
             let key = String::from_utf8_lossy(&data[..nul]).into_owned();
             let value = if kind == b"tEXt" {
                 data[nul + 1..].iter().map(|&b| b as char).collect()
@@ -65,7 +65,7 @@ fn get<'a>(text: &'a [(String, String)], key: &str) -> &'a str {
 fn tiny_model_generates_edits_and_varies_with_metadata() {
     let dir = scratch("ok");
     let model = dir.join("model");
-    let m = model.to_str().unwrap();
+    let m = model.to_str().expect("test value");
     let o = unifusion(&["make-tiny-model", "--out", m]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let common = ["--model", m, "--steps", "2", "--backend", "flex", "--quiet"];
@@ -82,7 +82,7 @@ fn tiny_model_generates_edits_and_varies_with_metadata() {
         "--height",
         "24",
     ];
-    args.extend(["--out", generated.to_str().unwrap()]);
+    args.extend(["--out", generated.to_str().expect("test value")]);
     args.extend(common);
     let o = unifusion(&args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -97,7 +97,7 @@ fn tiny_model_generates_edits_and_varies_with_metadata() {
 
     // An edit, a multi-reference edit and a variation on the generated PNG.
     let out = dir.join("edit.png");
-    let g = generated.to_str().unwrap();
+    let g = generated.to_str().expect("test value");
     for (args, task) in [
         (
             vec!["edit", "--image", g, "--prompt", "make it blue"],
@@ -131,7 +131,7 @@ fn tiny_model_generates_edits_and_varies_with_metadata() {
         let mut args = args.clone();
         args.extend([
             "--out",
-            out.to_str().unwrap(),
+            out.to_str().expect("test value"),
             "--width",
             "16",
             "--height",
@@ -155,11 +155,11 @@ fn tiny_model_generates_edits_and_varies_with_metadata() {
 fn bad_generate_input_is_one_line_and_exit_2() {
     let dir = scratch("bad");
     let model = dir.join("model");
-    let m = model.to_str().unwrap();
+    let m = model.to_str().expect("test value");
     assert!(unifusion(&["make-tiny-model", "--out", m]).status.success());
     let text = dir.join("not.png");
-    std::fs::write(&text, "hello").unwrap();
-    let t = text.to_str().unwrap();
+    std::fs::write(&text, "hello").expect("test value");
+    let t = text.to_str().expect("test value");
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
             vec!["generate", "--model", m, "--prompt", ""],

@@ -58,6 +58,7 @@ pub enum PipelineError {
 
 /// The VAE that turns latents into pixels.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per model
 pub enum Vae {
     /// `AutoencoderKL` (FLUX layout).
     Kl(AutoencoderKl),
@@ -142,7 +143,7 @@ impl UniFusion {
                 ));
             }
         };
-        if vae_channels != latent_channels || transformer.in_channels % 4 != 0 {
+        if vae_channels != latent_channels || !transformer.in_channels.is_multiple_of(4) {
             return Err(PipelineError::Config(format!(
                 "the transformer samples {} channels (= 4 × {latent_channels}) but the VAE decodes {vae_channels}",
                 transformer.in_channels

@@ -172,7 +172,7 @@ impl UniFusion {
                 s.width, s.height
             )));
         }
-        if s.width % m != 0 || s.height % m != 0 {
+        if !s.width.is_multiple_of(m) || !s.height.is_multiple_of(m) {
             return Err(PipelineError::Input(format!(
                 "output size {}×{}: width and height must be multiples of {m}",
                 s.width, s.height
@@ -336,6 +336,7 @@ impl UniFusion {
 }
 
 /// Which text tokens condition which step.
+#[allow(clippy::large_enum_variant)] // one per run, never moved in a loop
 pub enum ConditionSchedule {
     /// The same condition for every step.
     Full(TextCondition),
