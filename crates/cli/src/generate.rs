@@ -23,8 +23,8 @@ use unifusion_model::vlm::{InternVl, Weights};
 
 use crate::CliError;
 use crate::device::Backend;
-use crate::pipeline_tokenizer::CliTokenizer;
 use crate::png_meta::{io_words, write_png};
+use unifusion_model::vlm::processor::VlmTokenizer;
 
 /// How the tapped layers are pooled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -100,7 +100,7 @@ fn read(dir: &Path, name: &str) -> Result<Vec<u8>, CliError> {
 }
 
 /// Loads a model directory onto `device`.
-pub fn load_model(dir: &Path, device: &Device) -> Result<(UniFusion, CliTokenizer), CliError> {
+pub fn load_model(dir: &Path, device: &Device) -> Result<(UniFusion, VlmTokenizer), CliError> {
     let bad = |what: &str, e: String| CliError::Usage(format!("{}: {what}: {e}", dir.display()));
     if !dir.is_dir() {
         return Err(CliError::Usage(format!(
@@ -114,7 +114,7 @@ pub fn load_model(dir: &Path, device: &Device) -> Result<(UniFusion, CliTokenize
         .vlm
         .validate()
         .map_err(|e| bad("config.json", e.to_string()))?;
-    let tokenizer = CliTokenizer::from_bytes(&read(dir, "tokenizer.json")?)
+    let tokenizer = VlmTokenizer::from_bytes(&read(dir, "tokenizer.json")?)
         .map_err(|e| bad("tokenizer.json", e.to_string()))?;
 
     let mut weights = Weights::new();

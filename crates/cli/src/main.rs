@@ -13,7 +13,6 @@ mod edit;
 mod generate;
 mod inspect;
 mod pack;
-mod pipeline_tokenizer;
 mod png_meta;
 mod reference_run;
 mod tiny_model;

@@ -122,7 +122,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
             .try_into_data()
             .map_err(|e| CliError::Device(format!("{e:?}")))?;
         let values = data
-            .to_vec::<f32>()
+            .try_to_vec::<f32>()
             .map_err(|e| CliError::Device(format!("{e:?}")))?;
         tensors.push((name, shape, values));
         Ok(())

@@ -23,7 +23,6 @@ pub trait Tokenize {
     fn decode(&self, ids: &[u32]) -> Result<String, VlmError>;
 }
 
-#[cfg(feature = "tokenizer")]
 impl Tokenize for crate::vlm::processor::VlmTokenizer {
     fn encode(&self, text: &str) -> Result<Vec<u32>, VlmError> {
         crate::vlm::processor::VlmTokenizer::encode(self, text)

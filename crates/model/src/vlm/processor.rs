@@ -201,12 +201,10 @@ pub fn chat_prompt(
 }
 
 /// A tokenizer from `tokenizer.json` bytes (no files, no network).
-#[cfg(feature = "tokenizer")]
 pub struct VlmTokenizer {
     inner: tokenizers::Tokenizer,
 }
 
-#[cfg(feature = "tokenizer")]
 impl VlmTokenizer {
     /// Parse `tokenizer.json`.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, VlmError> {
