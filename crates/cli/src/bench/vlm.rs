@@ -91,7 +91,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
         let out = model
             .forward(
                 unifusion_model::vlm::VlmInput {
-                    ids: &[prompt.clone()],
+                    ids: std::slice::from_ref(&prompt),
                     pixel_values: None,
                     attention_mask: None,
                 },

@@ -191,13 +191,30 @@ impl InternVlConfig {
         let v = &self.vision_config;
         let t = &self.text_config;
         let bad = |m: String| Err(VlmError::Config(m));
-        if v.hidden_size % v.num_attention_heads != 0 {
+        // Zero sizes would divide by zero below and in the model: refuse them first.
+        if v.hidden_size == 0 || v.num_attention_heads == 0 {
+            return bad(
+                "vision_config hidden_size and num_attention_heads must be positive".into(),
+            );
+        }
+        if t.hidden_size == 0 || t.num_attention_heads == 0 || t.kv_heads() == 0 {
+            return bad("text_config hidden_size and head counts must be positive".into());
+        }
+        if !(self.downsample_ratio > 0.0 && self.downsample_ratio <= 1.0) {
+            return bad(format!(
+                "downsample_ratio must be in (0, 1], got {}",
+                self.downsample_ratio
+            ));
+        }
+        if !v.hidden_size.is_multiple_of(v.num_attention_heads) {
             return bad("vision_config.hidden_size must divide by num_attention_heads".into());
         }
-        if t.hidden_size % t.num_attention_heads != 0 || t.num_attention_heads % t.kv_heads() != 0 {
+        if !t.hidden_size.is_multiple_of(t.num_attention_heads)
+            || !t.num_attention_heads.is_multiple_of(t.kv_heads())
+        {
             return bad("text_config heads must divide hidden_size and num_key_value_heads must divide num_attention_heads".into());
         }
-        if t.head_dim() % 2 != 0 {
+        if !t.head_dim().is_multiple_of(2) {
             return bad("text_config head_dim must be even for RoPE".into());
         }
         if !matches!(v.norm_type.as_str(), "layer_norm" | "rms_norm") {
@@ -233,7 +250,7 @@ impl InternVlConfig {
             return bad("downsample_ratio must be 1/n".into());
         }
         let [gh, gw] = v.grid();
-        if gh % r != 0 || gw % r != 0 {
+        if !gh.is_multiple_of(r) || !gw.is_multiple_of(r) {
             return bad("the patch grid must divide by 1/downsample_ratio".into());
         }
         Ok(())

@@ -101,7 +101,7 @@ impl InternVl {
         let [_, _, h, w] = pixels.dims();
         let grid = [h / self.vision.patch_size[0], w / self.vision.patch_size[1]];
         let r = self.projector.factor;
-        if grid[0] % r != 0 || grid[1] % r != 0 {
+        if !grid[0].is_multiple_of(r) || !grid[1].is_multiple_of(r) {
             return Err(VlmError::Input(format!(
                 "pixel_values: patch grid {grid:?} does not divide by the pixel-shuffle factor {r}"
             )));
