@@ -42,3 +42,32 @@ fn malformed_tokenizer_json_is_an_error() {
         assert!(VlmTokenizer::from_bytes(bad.as_bytes()).is_err(), "{bad:?}");
     }
 }
+
+/// The `internvl2_5` template (InternVL `conversation.py`; transformers' InternVL chat
+/// template): system turn, user turn with one `<img>…</img>` block per image, assistant cue.
+#[test]
+fn chat_template_wraps_images_and_overrides_the_system_prompt() {
+    use unifusion_model::vlm::processor::{DEFAULT_SYSTEM_PROMPT, chat_prompt};
+
+    let prompt = chat_prompt(Some("Describe the target image."), "a cat", &[2, 1], 3);
+    let want = format!(
+        "<|im_start|>system\nDescribe the target image.<|im_end|>\n<|im_start|>user\n\
+         <img>{}</img>\n<img>{}</img>\na cat<|im_end|>\n<|im_start|>assistant\n",
+        "<IMG_CONTEXT>".repeat(6),
+        "<IMG_CONTEXT>".repeat(3),
+    );
+    assert_eq!(prompt, want);
+    assert!(chat_prompt(None, "x", &[], 256).contains(DEFAULT_SYSTEM_PROMPT));
+
+    // Every image token is one id, so the scatter finds exactly tiles × tokens slots.
+    let tokenizer = VlmTokenizer::from_bytes(TOKENIZER.as_bytes()).expect("fixture tokenizer");
+    let ids = tokenizer.encode(&prompt).expect("encode");
+    let count = |token: &str| {
+        let id = tokenizer.token_id(token).expect("special token");
+        ids.iter().filter(|&&i| i == id).count()
+    };
+    assert_eq!(count("<IMG_CONTEXT>"), 9);
+    assert_eq!(count("<img>"), 2);
+    assert_eq!(count("</img>"), 2);
+    assert_eq!(count("<|im_start|>"), 3);
+}
