@@ -63,6 +63,17 @@ function recorder(faults = () => false) {
   return { log, intercept, count: (name) => log.filter((r) => r.name === name).length };
 }
 
+/**
+ * Answers with only the first `cut` bytes and a clean end of stream (chunked, no length), so
+ * every sent byte reaches the page: a connection that closes early, deterministically. (A TCP
+ * reset instead may drop bytes still in the browser's network buffers, which makes the resume
+ * point vary from run to run.)
+ */
+function closeEarly(res, data, cut) {
+  res.writeHead(200, { 'Content-Type': 'application/octet-stream' });
+  res.end(data.subarray(0, cut));
+}
+
 /** Runs loadWeights in the page; returns its result, progress events and what onShard got. */
 async function load(page, url = MANIFEST) {
   return page.evaluate(
@@ -143,13 +154,12 @@ test('a first load downloads and verifies everything; a reload and an offline lo
   assertDelivered(offline, all());
 });
 
-test('a connection dropped mid-shard resumes with a Range request', { timeout: 120_000 }, async (t) => {
+test('a connection that closes mid-shard resumes with a Range request', { timeout: 120_000 }, async (t) => {
   const big = shards[0];
   const cut = (1 << 20) + 12_345;
   const rec = recorder((req, res, file, name, nth) => {
     if (name !== big.file || nth !== 1) return false;
-    res.writeHead(200, { 'Content-Type': 'application/octet-stream', 'Content-Length': String(big.bytes) });
-    res.write(big.data.subarray(0, cut), () => setTimeout(() => res.destroy(), 50));
+    closeEarly(res, big.data, cut);
     return true;
   });
   const session = await openPage(t, '/', { models, intercept: rec.intercept });
@@ -159,8 +169,7 @@ test('a connection dropped mid-shard resumes with a Range request', { timeout: 1
   const ranges = rec.log.filter((r) => r.name === big.file).map((r) => r.range);
   assert.equal(ranges[0], null);
   assert.equal(ranges.length, 2, `requests for the cut shard: ${JSON.stringify(ranges)}`);
-  const from = Number(/^bytes=(\d+)-$/.exec(ranges[1])?.[1]);
-  assert.ok(from > 0 && from <= cut, `resumed from ${ranges[1]}`);
+  assert.equal(ranges[1], `bytes=${cut}-`);
   assert.equal(out.result.downloadedBytes, totalBytes(), 'no byte fetched twice');
 
   // What was cached is the verified shard: a reload uses it without downloading.
@@ -177,8 +186,7 @@ test('a download that keeps failing keeps its prefix; the next visit resumes fro
   const rec = recorder((req, res, file, name, nth) => {
     if (name !== big.file || !broken) return false;
     if (nth === 1) {
-      res.writeHead(200, { 'Content-Length': String(big.bytes) });
-      res.write(big.data.subarray(0, cut), () => setTimeout(() => res.destroy(), 50));
+      closeEarly(res, big.data, cut);
     } else {
       res.destroy(); // every retry fails
     }
