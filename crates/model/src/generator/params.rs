@@ -170,7 +170,7 @@ pub fn read_safetensors(bytes: &[u8]) -> Result<Vec<(String, TensorData)>, LoadE
                 .collect(),
             Dtype::F16 => d
                 .chunks_exact(2)
-                .map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]])))
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
                 .collect(),
             Dtype::BF16 => d
                 .chunks_exact(2)
@@ -197,24 +197,6 @@ pub fn read_safetensors(bytes: &[u8]) -> Result<Vec<(String, TensorData)>, LoadE
         out.push((name.to_string(), TensorData::new(values, shape)));
     }
     Ok(out)
-}
-
-/// IEEE half → f32 (exact).
-fn f16_to_f32(h: u16) -> f32 {
-    let sign = ((h >> 15) as u32) << 31;
-    let exp = ((h >> 10) & 0x1f) as u32;
-    let mant = (h & 0x3ff) as u32;
-    let bits = match (exp, mant) {
-        (0, 0) => sign,
-        (0, m) => {
-            // Subnormal: value = m · 2^-24.
-            let v = m as f32 / 16_777_216.0;
-            return if sign != 0 { -v } else { v };
-        }
-        (0x1f, m) => sign | 0x7f80_0000 | (m << 13),
-        (e, m) => sign | ((e + 112) << 23) | (m << 13),
-    };
-    f32::from_bits(bits)
 }
 
 /// Seeded random parameters: every tensor `~ N(0, std²)`, drawn on the host so a seed gives

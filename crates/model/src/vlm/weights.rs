@@ -134,7 +134,7 @@ impl RawTensor<'_> {
                 .collect(),
             "F16" => d
                 .chunks_exact(2)
-                .map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]])))
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
                 .collect(),
             "BF16" => d
                 .chunks_exact(2)
@@ -171,91 +171,21 @@ impl RawTensor<'_> {
     }
 }
 
-/// Parse safetensors bytes (8-byte little-endian header length, JSON header, data) without
-/// copying the data. A small reader of its own keeps the model crate free of file-system deps.
+/// Parse safetensors bytes without copying the data, with the `safetensors` crate's checks
+/// (header bounds, offsets inside the data and not overlapping, byte count = shape × dtype).
 pub fn parse_safetensors(bytes: &[u8]) -> Result<Vec<RawTensor<'_>>, VlmError> {
-    let bad = |m: &str| VlmError::Weights(format!("not a safetensors file: {m}"));
-    let len_bytes: [u8; 8] = bytes
-        .get(..8)
-        .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| bad("shorter than 8 bytes"))?;
-    let n = u64::from_le_bytes(len_bytes) as usize;
-    let header = bytes
-        .get(8..8usize.saturating_add(n))
-        .ok_or_else(|| bad("header runs past the end"))?;
-    let data = &bytes[8 + n..];
-    let header: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(header).map_err(|e| bad(&e.to_string()))?;
-    let mut out = Vec::new();
-    for (name, info) in header {
-        if name == "__metadata__" {
-            continue;
-        }
-        let dtype = info["dtype"]
-            .as_str()
-            .ok_or_else(|| bad(&format!("`{name}` has no dtype")))?;
-        let shape: Vec<usize> = info["shape"]
-            .as_array()
-            .ok_or_else(|| bad(&format!("`{name}` has no shape")))?
-            .iter()
-            .map(|v| v.as_u64().map(|v| v as usize))
-            .collect::<Option<_>>()
-            .ok_or_else(|| bad(&format!("`{name}` has a bad shape")))?;
-        let offsets = info["data_offsets"]
-            .as_array()
-            .ok_or_else(|| bad(&format!("`{name}` has no data_offsets")))?;
-        let (Some(a), Some(b)) = (
-            offsets.first().and_then(|v| v.as_u64()),
-            offsets.get(1).and_then(|v| v.as_u64()),
-        ) else {
-            return Err(bad(&format!("`{name}` has bad data_offsets")));
-        };
-        let size = match dtype {
-            "F64" | "I64" | "U64" => 8,
-            "F32" | "I32" | "U32" => 4,
-            "F16" | "BF16" | "I16" | "U16" => 2,
-            _ => 1,
-        };
-        let slice = data
-            .get(a as usize..b as usize)
-            .ok_or_else(|| bad(&format!("`{name}` lies past the end")))?;
-        if slice.len() != shape.iter().product::<usize>() * size {
-            return Err(bad(&format!(
-                "`{name}`: {} bytes for shape {shape:?} {dtype}",
-                slice.len()
-            )));
-        }
-        out.push(RawTensor {
+    let file = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|e| VlmError::Weights(format!("not a safetensors file: {e}")))?;
+    Ok(file
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| RawTensor {
             name,
-            dtype: dtype.to_string(),
-            shape,
-            data: slice,
-        });
-    }
-    Ok(out)
-}
-
-/// IEEE half → single.
-fn f16_to_f32(h: u16) -> f32 {
-    let sign = ((h >> 15) as u32) << 31;
-    let exp = ((h >> 10) & 0x1f) as u32;
-    let frac = (h & 0x3ff) as u32;
-    let bits = match (exp, frac) {
-        (0, 0) => sign,
-        (0, _) => {
-            // subnormal: normalise
-            let mut e = 127 - 15 + 1;
-            let mut f = frac;
-            while f & 0x400 == 0 {
-                f <<= 1;
-                e -= 1;
-            }
-            sign | (e << 23) | ((f & 0x3ff) << 13)
-        }
-        (0x1f, _) => sign | 0x7f80_0000 | (frac << 13),
-        _ => sign | ((exp + 127 - 15) << 23) | (frac << 13),
-    };
-    f32::from_bits(bits)
+            dtype: format!("{:?}", view.dtype()),
+            shape: view.shape().to_vec(),
+            data: view.data(),
+        })
+        .collect())
 }
 
 type Named = (String, Vec<f32>, Vec<usize>);
