@@ -1,7 +1,8 @@
 //! `unifusion generate` (text-to-image) and the pieces `edit` and `variation` share: the model
 //! directory loader, the sampling flags, the progress bar and the PNG with its settings.
 //!
-//! Model directory (until the manifest loader is wired, see docs/WEIGHTS.md):
+//! A model is either packed (`manifest.json` + shards, docs/WEIGHTS.md; loaded through the
+//! streaming loader, every shard verified) or an unpacked directory:
 //! `config.json` ([`UniFusionConfig`]: `vlm`, `transformer`, `vae`, `pipeline`),
 //! `vlm.safetensors` (transformers or original InternVL names), `transformer.safetensors`
 //! (diffusers `Krea2Transformer2DModel` names), `vae.safetensors` (diffusers names),
@@ -12,14 +13,15 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
 use clap::ValueEnum;
-use unifusion_model::generator::tiny_vae::TinyDecoder;
-use unifusion_model::generator::vae::AutoencoderKl;
-use unifusion_model::generator::{Krea2Transformer, WeightMap};
+use indicatif::{ProgressBar, ProgressStyle};
+use unifusion_model::generator::WeightMap;
+use unifusion_model::load::{assemble, load_packed};
 use unifusion_model::pipeline::{
-    Conditioning, Image, PipelineError, Request, Settings, Task, UniFusion, UniFusionConfig, Vae,
-    VaeConfig,
+    Conditioning, Image, PipelineError, Request, Settings, Task, UniFusion, UniFusionConfig,
 };
-use unifusion_model::vlm::{InternVl, Weights};
+use unifusion_model::vlm::Weights;
+use unifusion_weights::Progress as LoadProgress;
+use unifusion_weights::native::{DirSource, MANIFEST_FILE, read_bounded, read_manifest};
 
 use crate::CliError;
 use crate::device::Backend;
@@ -38,7 +40,7 @@ pub enum Pooling {
 /// Flags every generating command takes.
 #[derive(clap::Args, Debug)]
 pub struct SampleArgs {
-    /// Model directory (config.json, vlm/transformer/vae .safetensors, tokenizer.json).
+    /// Model: a packed manifest.json (or its directory), or an unpacked model directory.
     #[arg(long)]
     pub model: PathBuf,
     /// Euler steps.
@@ -92,65 +94,85 @@ fn read(dir: &Path, name: &str) -> Result<Vec<u8>, CliError> {
     let path = dir.join(name);
     std::fs::read(&path).map_err(|e| {
         CliError::Usage(format!(
-            "{}: {} (a model directory holds config.json, vlm.safetensors, transformer.safetensors, vae.safetensors, tokenizer.json)",
+            "{}: {} (a model is a packed manifest.json with its shards, or a directory holding config.json, vlm.safetensors, transformer.safetensors, vae.safetensors, tokenizer.json)",
             path.display(),
             io_words(&e)
         ))
     })
 }
 
-/// Loads a model directory onto `device`.
-pub fn load_model(dir: &Path, device: &Device) -> Result<(UniFusion, VlmTokenizer), CliError> {
-    let bad = |what: &str, e: String| CliError::Usage(format!("{}: {what}: {e}", dir.display()));
-    if !dir.is_dir() {
+/// Loads a model onto `device`: a packed model (`manifest.json` or a directory holding one;
+/// shards verified as they stream in) or an unpacked model directory.
+pub fn load_model(
+    path: &Path,
+    device: &Device,
+    quiet: bool,
+) -> Result<(UniFusion, VlmTokenizer), CliError> {
+    let packed = path.is_file() || path.join(MANIFEST_FILE).is_file();
+    if packed {
+        return load_packed_model(path, device, quiet);
+    }
+    if !path.is_dir() {
         return Err(CliError::Usage(format!(
-            "{}: no such model directory",
-            dir.display()
+            "{}: no such model (give a manifest.json, a directory holding one, or an unpacked model directory)",
+            path.display()
         )));
     }
+    load_model_dir(path, device)
+}
+
+fn load_packed_model(
+    path: &Path,
+    device: &Device,
+    quiet: bool,
+) -> Result<(UniFusion, VlmTokenizer), CliError> {
+    let (manifest, dir) = read_manifest(path).map_err(|e| CliError::Usage(e.to_string()))?;
+    let entry = manifest.tokenizer.as_ref().ok_or_else(|| {
+        CliError::Usage(format!(
+            "{}: the manifest names no tokenizer file",
+            path.display()
+        ))
+    })?;
+    let tokenizer = read_bounded(&dir.join(&entry.file), entry.bytes)
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    let mut source = DirSource { dir: dir.clone() };
+    let bar = Progress::loading(quiet);
+    let loaded = pollster::block_on(load_packed(
+        &manifest,
+        &mut source,
+        &tokenizer,
+        device,
+        |p| bar.load_update(p),
+    ));
+    bar.bar.finish_and_clear();
+    let loaded = loaded.map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
+    Ok((loaded.model, loaded.tokenizer))
+}
+
+/// Loads an unpacked model directory (see the module docs) onto `device`.
+fn load_model_dir(dir: &Path, device: &Device) -> Result<(UniFusion, VlmTokenizer), CliError> {
+    let bad = |what: &str, e: String| CliError::Usage(format!("{}: {what}: {e}", dir.display()));
     let config: UniFusionConfig = serde_json::from_slice(&read(dir, "config.json")?)
-        .map_err(|e| bad("config.json", e.to_string()))?;
-    config
-        .vlm
-        .validate()
         .map_err(|e| bad("config.json", e.to_string()))?;
     let tokenizer = VlmTokenizer::from_bytes(&read(dir, "tokenizer.json")?)
         .map_err(|e| bad("tokenizer.json", e.to_string()))?;
-
     let mut weights = Weights::new();
     weights
         .add_safetensors(&read(dir, "vlm.safetensors")?)
         .map_err(|e| bad("vlm.safetensors", e.to_string()))?;
-    let vlm = InternVl::load(&config.vlm, &mut weights, device)
-        .map_err(|e| bad("vlm.safetensors", e.to_string()))?;
-
-    let mut map = WeightMap::from_safetensors(&read(dir, "transformer.safetensors")?)
+    let mut transformer = WeightMap::from_safetensors(&read(dir, "transformer.safetensors")?)
         .map_err(|e| bad("transformer.safetensors", e.to_string()))?;
-    let transformer = Krea2Transformer::load(&config.transformer, &mut map, device)
-        .map_err(|e| bad("transformer.safetensors", e.to_string()))?;
-    map.finish()
-        .map_err(|e| bad("transformer.safetensors", e.to_string()))?;
-
-    let mut map = WeightMap::from_safetensors(&read(dir, "vae.safetensors")?)
+    let mut vae = WeightMap::from_safetensors(&read(dir, "vae.safetensors")?)
         .map_err(|e| bad("vae.safetensors", e.to_string()))?;
-    let vae = match &config.vae {
-        VaeConfig::Kl(c) => Vae::Kl(
-            AutoencoderKl::load_decoder(c, &mut map, device)
-                .map_err(|e| bad("vae.safetensors", e.to_string()))?,
-        ),
-        VaeConfig::Tiny(c) => Vae::Tiny(
-            TinyDecoder::load(c, &mut map, "decoder", device)
-                .map_err(|e| bad("vae.safetensors", e.to_string()))?,
-        ),
-    };
-    let mut pipeline = config.pipeline.clone();
-    if pipeline.stop_tokens.is_empty()
-        && let Some(id) = tokenizer.token_id("<|im_end|>")
-    {
-        pipeline.stop_tokens.push(id);
-    }
-    let model = UniFusion::new(vlm, &config.vlm, transformer, vae, &config.vae, pipeline)
-        .map_err(|e| bad("config.json", e.to_string()))?;
+    let model = assemble(
+        &config,
+        &tokenizer,
+        &mut weights,
+        &mut transformer,
+        &mut vae,
+        device,
+    )
+    .map_err(|e| CliError::Usage(format!("{}: {e}", dir.display())))?;
     Ok((model, tokenizer))
 }
 
@@ -232,15 +254,14 @@ pub fn run_task(
     };
     request.validate().map_err(usage)?;
     let device = args.backend.device();
-    let (mut model, tokenizer) = load_model(&args.model, &device)?;
+    let (mut model, tokenizer) = load_model(&args.model, &device, args.quiet)?;
     if let Some(n) = args.max_rewrite_tokens {
         model.config.max_rewrite_tokens = n;
     }
     let settings = args.settings();
     model.validate_settings(&settings).map_err(usage)?;
 
-    let mut bar = Progress::new(settings.steps, args.quiet);
-    bar.message("rewriting the prompt (VERIFI)…");
+    let bar = Progress::sampling(settings.steps, args.quiet);
     let output = pollster::block_on(model.run(&tokenizer, &request, &settings, |p| {
         bar.step(p.done);
         ControlFlow::Continue(())
@@ -293,57 +314,65 @@ pub fn run_task(
     Ok(())
 }
 
-/// A one-line progress bar on stderr (`[=====>    ] 12/28 steps, 3.1 s, ~4.2 s left`).
-///
-/// Not indicatif: its `console` → `portable-atomic` features differ from the shared burn
-/// build's and would force a rebuild of burn/cubecl/wgpu.
+/// Progress bars on stderr (indicatif): bytes while the weights stream in, steps while sampling.
 struct Progress {
-    total: usize,
-    quiet: bool,
-    start: std::time::Instant,
+    bar: ProgressBar,
 }
 
 impl Progress {
-    fn new(total: usize, quiet: bool) -> Self {
-        Self {
-            total,
-            quiet,
-            start: std::time::Instant::now(),
+    fn hidden_unless(visible: bool) -> ProgressBar {
+        if visible {
+            ProgressBar::new(0)
+        } else {
+            ProgressBar::hidden()
         }
     }
 
-    fn message(&mut self, text: &str) {
-        if !self.quiet {
-            eprint!("\r{text}");
-        }
-        self.start = std::time::Instant::now();
-    }
-
-    fn step(&mut self, done: usize) {
-        if self.quiet {
-            return;
-        }
-        const WIDTH: usize = 30;
-        let filled = WIDTH * done / self.total.max(1);
-        let elapsed = self.start.elapsed().as_secs_f64();
-        let left = elapsed / done.max(1) as f64 * (self.total - done.min(self.total)) as f64;
-        let bar: String = (0..WIDTH)
-            .map(|i| match i.cmp(&filled) {
-                std::cmp::Ordering::Less => '=',
-                std::cmp::Ordering::Equal => '>',
-                std::cmp::Ordering::Greater => ' ',
-            })
-            .collect();
-        eprint!(
-            "\r\x1b[2Ksampling [{bar}] {done}/{} steps, {elapsed:.1} s, ~{left:.1} s left",
-            self.total
+    /// A bar over the weights' bytes.
+    fn loading(quiet: bool) -> Self {
+        let bar = Self::hidden_unless(!quiet);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "loading  [{bar:30}] {bytes}/{total_bytes} {msg} ({bytes_per_sec}, ~{eta} left)",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
         );
+        Self { bar }
+    }
+
+    fn load_update(&self, p: &LoadProgress) {
+        self.bar.set_length(p.bytes_total);
+        self.bar.set_position(p.bytes_done);
+        self.bar.set_message(format!(
+            "shard {}/{}",
+            (p.shard + 1).min(p.shards),
+            p.shards
+        ));
+    }
+
+    /// A bar over the sampling steps; the message says what runs before the first step.
+    fn sampling(total: usize, quiet: bool) -> Self {
+        let bar = Self::hidden_unless(!quiet);
+        bar.set_length(total as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{msg:9} [{bar:30}] {pos}/{len} steps, {elapsed_precise}, ~{eta} left",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_message("VERIFI");
+        Self { bar }
+    }
+
+    fn step(&self, done: usize) {
+        self.bar.set_message("sampling");
+        self.bar.set_position(done as u64);
     }
 
     fn finish(&self) {
-        if !self.quiet {
-            eprintln!();
-        }
+        self.bar.finish();
     }
 }
 

@@ -1,5 +1,5 @@
-//! `unifusion make-tiny-model`: a seeded tiny random UniFusion model directory in the real
-//! formats (transformers InternVL names, diffusers Krea 2 / AutoencoderTiny names,
+//! `unifusion make-tiny-model`: a seeded tiny random UniFusion model, packed (manifest +
+//! shards, docs/WEIGHTS.md) or as an unpacked directory, in the real formats (transformers InternVL names, diffusers Krea 2 / AutoencoderTiny names,
 //! safetensors, a byte-level `tokenizer.json`), so `generate`/`edit`/`variation` can be tried
 //! and tested end to end without a checkpoint. Its images are noise.
 //!
@@ -19,6 +19,9 @@ use unifusion_model::generator::tiny_vae::TinyDecoder;
 use unifusion_model::pipeline::{PipelineConfig, UniFusionConfig, VaeConfig};
 use unifusion_model::vlm::{InternVl, InternVlConfig, VlmError, Weights};
 
+use unifusion_weights::native::DirOutput;
+use unifusion_weights::{Dtype, ModelInfo, PackError, Packer};
+
 use crate::CliError;
 use crate::png_meta::io_words;
 
@@ -34,6 +37,14 @@ pub struct Args {
     /// Seed of the random weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Shard size limit in KiB of the packed model (small, so even the tiny model streams in
+    /// several shards).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub shard_kib: u64,
+    /// Write the unpacked layout (config.json, vlm/transformer/vae .safetensors,
+    /// tokenizer.json) instead of a packed manifest with shards.
+    #[arg(long)]
+    pub unpacked: bool,
 }
 
 /// `(name, shape, values)` of checkpoint tensors.
@@ -165,7 +176,7 @@ fn vlm_tensors(
 }
 
 /// Writes the tiny model into `dir`.
-pub fn write_tiny_model(dir: &Path, seed: u64) -> Result<(), CliError> {
+pub fn write_tiny_model(dir: &Path, seed: u64, format: TinyFormat) -> Result<(), CliError> {
     let usage = |m: String| CliError::Usage(format!("{}: {m}", dir.display()));
     if dir.exists() {
         let empty = std::fs::read_dir(dir)
@@ -196,25 +207,79 @@ pub fn write_tiny_model(dir: &Path, seed: u64) -> Result<(), CliError> {
         .map_err(|e| CliError::Device(format!("tiny VAE: {e}")))?;
     let vae = std::mem::take(&mut rec.tensors);
 
-    let json = serde_json::to_string_pretty(&config)
-        .map_err(|e| CliError::Device(format!("config: {e}")))?;
-    let files: [(&str, Vec<u8>); 5] = [
-        ("config.json", json.into_bytes()),
-        ("vlm.safetensors", safetensors_bytes(&vlm)?),
-        ("transformer.safetensors", safetensors_bytes(&transformer)?),
-        ("vae.safetensors", safetensors_bytes(&vae)?),
-        ("tokenizer.json", TINY_TOKENIZER.as_bytes().to_vec()),
-    ];
-    for (name, bytes) in files {
-        std::fs::write(dir.join(name), bytes)
-            .map_err(|e| usage(format!("{name}: {}", io_words(&e))))?;
+    match format {
+        TinyFormat::Unpacked => {
+            let json = serde_json::to_string_pretty(&config)
+                .map_err(|e| CliError::Device(format!("config: {e}")))?;
+            let files: [(&str, Vec<u8>); 5] = [
+                ("config.json", json.into_bytes()),
+                ("vlm.safetensors", safetensors_bytes(&vlm)?),
+                ("transformer.safetensors", safetensors_bytes(&transformer)?),
+                ("vae.safetensors", safetensors_bytes(&vae)?),
+                ("tokenizer.json", TINY_TOKENIZER.as_bytes().to_vec()),
+            ];
+            for (name, bytes) in files {
+                std::fs::write(dir.join(name), bytes)
+                    .map_err(|e| usage(format!("{name}: {}", io_words(&e))))?;
+            }
+        }
+        TinyFormat::Packed { shard_bytes } => {
+            let pack = |e: PackError| usage(e.to_string());
+            let out = DirOutput::create(dir).map_err(|e| usage(e.to_string()))?;
+            let mut packer = Packer::new(out, shard_bytes).map_err(pack)?;
+            let named = vlm
+                .iter()
+                .map(|(n, s, v)| (format!("vlm.{n}"), s, v))
+                .chain(
+                    transformer
+                        .iter()
+                        .map(|(n, s, v)| (format!("transformer.{n}"), s, v)),
+                )
+                .chain(vae.iter().map(|(n, s, v)| (format!("vae.{n}"), s, v)));
+            for (name, shape, values) in named {
+                let shape: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+                let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                packer
+                    .add(&name, Dtype::F32, &shape, &bytes)
+                    .map_err(pack)?;
+            }
+            let tokenizer = packer
+                .add_file("json", TINY_TOKENIZER.as_bytes())
+                .map_err(pack)?;
+            let config = serde_json::to_value(&config)
+                .map_err(|e| CliError::Device(format!("config: {e}")))?;
+            let info = ModelInfo {
+                id: "unifusion-tiny-random".into(),
+                version: format!("seed-{seed}"),
+            };
+            packer.finish(info, config, Some(tokenizer)).map_err(pack)?;
+        }
     }
     Ok(())
 }
 
+/// How [`write_tiny_model`] lays the model out.
+#[derive(Clone, Copy, Debug)]
+pub enum TinyFormat {
+    /// `manifest.json` + content-addressed shards of at most `shard_bytes` + the tokenizer.
+    Packed {
+        /// Shard size limit in bytes.
+        shard_bytes: u64,
+    },
+    /// config.json, vlm/transformer/vae .safetensors, tokenizer.json.
+    Unpacked,
+}
+
 /// `unifusion make-tiny-model`.
 pub fn run(args: Args) -> Result<(), CliError> {
-    write_tiny_model(&args.out, args.seed)?;
+    let format = if args.unpacked {
+        TinyFormat::Unpacked
+    } else {
+        TinyFormat::Packed {
+            shard_bytes: args.shard_kib * 1024,
+        }
+    };
+    write_tiny_model(&args.out, args.seed, format)?;
     println!(
         "wrote a tiny random UniFusion model to {}",
         args.out.display()

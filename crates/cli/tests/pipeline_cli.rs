@@ -167,7 +167,7 @@ fn bad_generate_input_is_one_line_and_exit_2() {
         ),
         (
             vec!["generate", "--model", "/nonexistent", "--prompt", "x"],
-            "no such model directory",
+            "no such model",
         ),
         (
             vec!["generate", "--model", m, "--prompt", "x", "--width", "30"],
@@ -216,5 +216,130 @@ fn bad_generate_input_is_one_line_and_exit_2() {
         assert!(err.contains(needle), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The concatenated IDAT payload of a PNG: equal payloads from one encoder are equal pixels.
+fn idat(path: &Path) -> Vec<u8> {
+    let bytes = std::fs::read(path).expect("png");
+    let (mut pos, mut out) = (8, Vec::new());
+    while pos + 8 <= bytes.len() {
+        let len = u32::from_be_bytes(bytes[pos..pos + 4].try_into().expect("test value")) as usize;
+        if &bytes[pos + 4..pos + 8] == b"IDAT" {
+            out.extend_from_slice(&bytes[pos + 8..pos + 8 + len]);
+        }
+        pos += 12 + len;
+    }
+    out
+}
+
+#[test]
+fn packed_model_streams_in_and_matches_the_unpacked_one() {
+    let dir = scratch("packed");
+    let packed = dir.join("packed");
+    let unpacked = dir.join("unpacked");
+    let (p, u) = (
+        packed.to_str().expect("test value"),
+        unpacked.to_str().expect("test value"),
+    );
+    let o = unifusion(&[
+        "make-tiny-model",
+        "--out",
+        p,
+        "--seed",
+        "3",
+        "--shard-kib",
+        "16",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = unifusion(&["make-tiny-model", "--out", u, "--seed", "3", "--unpacked"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let shards: Vec<PathBuf> = std::fs::read_dir(&packed)
+        .expect("packed dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    assert!(
+        shards.len() >= 3,
+        "{} shards: the load must really stream",
+        shards.len()
+    );
+
+    let mut images = Vec::new();
+    for (model, name) in [
+        (p.to_string(), "a.png"),
+        (format!("{p}/manifest.json"), "b.png"),
+        (u.to_string(), "c.png"),
+    ] {
+        let out = dir.join(name);
+        let o = unifusion(&[
+            "generate",
+            "--model",
+            &model,
+            "--prompt",
+            "a red cube",
+            "--seed",
+            "9",
+            "--steps",
+            "2",
+            "--width",
+            "16",
+            "--height",
+            "16",
+            "--backend",
+            "flex",
+            "--quiet",
+            "--out",
+            out.to_str().expect("test value"),
+        ]);
+        assert!(
+            o.status.success(),
+            "{model}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        images.push(idat(&out));
+    }
+    assert_eq!(
+        images[0], images[1],
+        "manifest path and its directory load the same model"
+    );
+    assert_eq!(
+        images[0], images[2],
+        "packed and unpacked tiny models (same seed) draw the same image"
+    );
+
+    // A corrupted shard is named, exit 2, no panic.
+    let victim = &shards[1];
+    let mut bytes = std::fs::read(victim).expect("shard");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55;
+    std::fs::write(victim, bytes).expect("corrupt shard");
+    let out = dir.join("bad.png");
+    let o = unifusion(&[
+        "generate",
+        "--model",
+        p,
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+        "--width",
+        "16",
+        "--height",
+        "16",
+        "--backend",
+        "flex",
+        "--quiet",
+        "--out",
+        out.to_str().expect("test value"),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    let file = victim
+        .file_name()
+        .and_then(|f| f.to_str())
+        .expect("test value");
+    assert!(err.contains(file) && err.contains("sha256"), "{err}");
+    assert!(!out.exists(), "no image from a corrupt model");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -7,8 +7,10 @@
 //! - [`pipeline`]: UniFusion end to end: VERIFI rewrite + taps → LAP → DiT sampling → VAE,
 //!   for text-to-image, editing, multi-reference, variation and zero-shot editing.
 //!
-//! Weights come in through `burn-store` adapters in the weights crate; nothing here reads files.
+//! - [`load`]: a whole model from a packed manifest through the weights crate's streaming
+//!   loader (shard bytes from any source; nothing here reads files).
 
 pub mod generator;
+pub mod load;
 pub mod pipeline;
 pub mod vlm;

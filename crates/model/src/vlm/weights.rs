@@ -1,6 +1,6 @@
 //! Checkpoint tensors by name, from safetensors bytes (any source: file, fetch, IndexedDB).
 //!
-//! Every accepted spelling is mapped once, by [`canonical_names`], onto one canonical layout
+//! Every accepted spelling is mapped once, by [`canonical_name`], onto one canonical layout
 //! (transformers' InternVL names without their outer prefixes):
 //!
 //! | checkpoint key (transformers `save_pretrained` / in-memory / original OpenGVLab) | canonical |
@@ -23,16 +23,36 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use super::VlmError;
 
-/// Host-side tensors (f32) keyed by canonical name, taken one by one while the model is built.
+/// Checkpoint tensors keyed by canonical name, taken one by one while the model is built.
+///
+/// [`Weights::new`] keeps them on the host (f32) until taken; [`Weights::on_device`] uploads
+/// each as it arrives, so a streaming load holds one shard on the host, not the whole model.
 pub struct Weights {
-    tensors: HashMap<String, (Vec<f32>, Vec<usize>)>,
+    tensors: HashMap<String, (Stored, Vec<usize>)>,
+    device: Option<Device>,
+}
+
+/// Where one tensor waits to be taken.
+enum Stored {
+    Host(Vec<f32>),
+    /// Flattened on the device; reshaped when taken.
+    Device(Tensor<1>),
 }
 
 impl Weights {
-    /// An empty set; add shards with [`Weights::add_safetensors`].
+    /// An empty host-side set; add shards with [`Weights::add_safetensors`].
     pub fn new() -> Self {
         Self {
             tensors: HashMap::new(),
+            device: None,
+        }
+    }
+
+    /// An empty set that uploads every tensor to `device` as it is added.
+    pub fn on_device(device: &Device) -> Self {
+        Self {
+            tensors: HashMap::new(),
+            device: Some(device.clone()),
         }
     }
 
@@ -40,9 +60,29 @@ impl Weights {
     pub fn add_safetensors(&mut self, bytes: &[u8]) -> Result<(), VlmError> {
         for raw in parse_safetensors(bytes)? {
             let values = raw.to_f32()?;
-            for (canonical, values, shape) in canonical_names(&raw.name, values, raw.shape)? {
-                self.tensors.insert(canonical, (values, shape));
-            }
+            self.add(&raw.name, values, raw.shape)?;
+        }
+        Ok(())
+    }
+
+    /// Add one checkpoint tensor under any accepted spelling of its name (see the table above).
+    pub fn add(&mut self, name: &str, values: Vec<f32>, shape: Vec<usize>) -> Result<(), VlmError> {
+        let count: usize = shape.iter().product();
+        if values.len() != count {
+            return Err(VlmError::Weights(format!(
+                "tensor `{name}` has {} values for shape {shape:?}",
+                values.len()
+            )));
+        }
+        for (canonical, values, shape) in canonical_names(name, values, shape)? {
+            let stored = match &self.device {
+                Some(device) => {
+                    let n = values.len();
+                    Stored::Device(Tensor::from_data(TensorData::new(values, [n]), device))
+                }
+                None => Stored::Host(values),
+            };
+            self.tensors.insert(canonical, (stored, shape));
         }
         Ok(())
     }
@@ -59,18 +99,15 @@ impl Weights {
         shape: [usize; D],
         device: &Device,
     ) -> Result<Tensor<D>, VlmError> {
-        let (values, got) = self
+        let (stored, got) = self
             .tensors
             .remove(name)
             .ok_or_else(|| VlmError::MissingTensor(name.to_string()))?;
-        if got != shape {
-            return Err(VlmError::TensorShape {
-                name: name.to_string(),
-                expected: shape.to_vec(),
-                got,
-            });
-        }
-        Ok(Tensor::from_data(TensorData::new(values, shape), device))
+        check_shape(name, &got, &shape)?;
+        Ok(match stored {
+            Stored::Host(values) => Tensor::from_data(TensorData::new(values, shape), device),
+            Stored::Device(flat) => flat.to_device(device).reshape(shape),
+        })
     }
 
     /// A copy of a tensor (for tied weights), without removing it.
@@ -80,21 +117,17 @@ impl Weights {
         shape: [usize; D],
         device: &Device,
     ) -> Result<Tensor<D>, VlmError> {
-        let (values, got) = self
+        let (stored, got) = self
             .tensors
             .get(name)
             .ok_or_else(|| VlmError::MissingTensor(name.to_string()))?;
-        if got.as_slice() != shape {
-            return Err(VlmError::TensorShape {
-                name: name.to_string(),
-                expected: shape.to_vec(),
-                got: got.clone(),
-            });
-        }
-        Ok(Tensor::from_data(
-            TensorData::new(values.clone(), shape),
-            device,
-        ))
+        check_shape(name, got, &shape)?;
+        Ok(match stored {
+            Stored::Host(values) => {
+                Tensor::from_data(TensorData::new(values.clone(), shape), device)
+            }
+            Stored::Device(flat) => flat.clone().to_device(device).reshape(shape),
+        })
     }
 
     /// Names not taken by the model, sorted (checkpoint keys the model does not know).
