@@ -13,6 +13,7 @@
 pub mod dtype;
 pub mod loader;
 pub mod manifest;
+pub mod quant;
 pub mod safetensors_header;
 pub mod writer;
 
