@@ -11,9 +11,9 @@ mod bench;
 mod device;
 mod edit;
 mod generate;
+mod image_io;
 mod inspect;
 mod pack;
-mod png_meta;
 mod reference_run;
 mod tiny_model;
 

@@ -203,7 +203,7 @@ fn bad_generate_input_is_one_line_and_exit_2() {
         ),
         (
             vec!["edit", "--model", m, "--prompt", "x", "--image", t],
-            "not a PNG",
+            "not an image",
         ),
         (vec!["variation", "--model", m], "--image"),
         (vec!["make-tiny-model", "--out", m], "not empty"),
