@@ -109,7 +109,8 @@ export function checkManifest(manifest) {
   if (manifest.format !== 'unifusion-manifest') bad('"format" is not "unifusion-manifest"');
   if (manifest.format_version !== 1) bad(`unsupported format_version ${manifest.format_version}`);
   if (!Array.isArray(manifest.shards) || manifest.shards.length === 0) bad('no shards');
-  const files = manifest.tokenizer ? [...manifest.shards, manifest.tokenizer] : manifest.shards;
+  // The tokenizer first: the model loader needs it before the first shard.
+  const files = manifest.tokenizer ? [manifest.tokenizer, ...manifest.shards] : manifest.shards;
   const seen = new Set();
   for (const [i, s] of files.entries()) {
     if (!s || typeof s.file !== 'string' || !HEX64.test(s.sha256 ?? '')) bad(`entry ${i} lacks a file or sha256`);
@@ -202,6 +203,8 @@ function networkError(entry, cause) {
  *     fromCache, downloadedBytes, notice?}`
  * @param {(entry: object, bytes: Uint8Array, index: number) => (void|Promise<void>)} [options.onShard]
  *   receives each verified shard (and the tokenizer, index -1); awaited before the next starts
+ * @param {(manifest: object) => (void|Promise<void>)} [options.onManifest] sees the checked
+ *   manifest before any shard is fetched; throwing refuses the model (nothing is downloaded)
  * @param {AbortSignal} [options.signal]
  * @param {number} [options.concurrency] parallel shard downloads (default 4)
  * @param {boolean} [options.cache] use IndexedDB (default true)
@@ -266,6 +269,14 @@ export async function loadWeights(manifestUrl, options = {}) {
   }
   const entries = checkManifest(manifest);
   const base = new URL('.', url);
+  if (options.onManifest) {
+    try {
+      await options.onManifest(manifest);
+    } catch (error) {
+      db?.close();
+      throw error;
+    }
+  }
 
   if (cacheOn && globalThis.navigator?.storage?.persist) {
     // Ask the browser not to evict the cache under storage pressure. It may say no.

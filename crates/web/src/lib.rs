@@ -1,11 +1,18 @@
 //! The browser face of UniFusion-Web: wasm-bindgen exports over burn's WebGPU backend.
 //!
-//! This is the only crate that knows about wasm. It owns the one wgpu device of the page
-//! (burn allows a single registration per page) and hands plain JS values back; every
+//! This is the only crate that knows about wasm. It runs inside the page's module worker
+//! (`web/worker.js`), owns that worker's one wgpu device (burn allows a single registration
+//! per JS realm, so a lost device means a new worker) and hands plain JS values back; every
 //! readback is `*_async`, since a synchronous read panics on the browser's WebGPU.
+//!
+//! - [`session`]: load a packed model (the one streaming loader) and run tasks on it.
+//! - [`shard_source`]: shard bytes from a JS callback, one shard at a time.
 //!
 //! On native targets the crate is empty, so `cargo test --workspace` builds it for free.
 #![cfg(target_family = "wasm")]
+
+pub mod session;
+pub mod shard_source;
 
 use std::cell::RefCell;
 
