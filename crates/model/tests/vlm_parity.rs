@@ -299,3 +299,118 @@ fn named_variants_validate() {
     assert_eq!(InternVlConfig::b1().tokens_per_tile(), 256);
     assert_eq!(InternVlConfig::tiny().tokens_per_tile(), 4);
 }
+
+/// `preprocess_image` against transformers' InternVL image processor (PIL backend, which
+/// the fixture script checks equal to OpenGVLab's `load_image` recipe bit for bit) on seeded
+/// random RGB images: upscaling, downscaling, both at once, 1/3/4 tiles + thumbnail and the
+/// single-resize path. The tolerance is 1e-6 abs on normalised values: the resize is exact
+/// (integer arithmetic as Pillow's), and what remains is the rounding of `v / 255` (transformers
+/// multiplies by 1/255 in f64) amplified by 1/std ≤ 4.5, a few 1e-7 at most; one uint8 level
+/// is 1/(255·std) ≥ 0.017, so any resize difference fails by four orders of magnitude.
+#[test]
+fn image_preprocessing_matches_transformers_and_opengvlab() {
+    const PIXEL_TOL: f32 = 1e-6;
+    let dir = fixtures().join("preprocess");
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).expect("cases"))
+            .expect("json");
+    let bytes = std::fs::read(dir.join("images.safetensors")).expect("images");
+    let tensors: HashMap<String, _> = parse_safetensors(&bytes)
+        .expect("parse")
+        .into_iter()
+        .map(|t| (t.name.clone(), t))
+        .collect();
+    assert!(cases.len() >= 5);
+    let device = Device::flex();
+    for c in &cases {
+        let name = c["name"].as_str().expect("name");
+        let g = |k: &str| c[k].as_u64().expect("number") as usize;
+        let image = &tensors[&format!("{name}.image")];
+        assert_eq!(image.shape, [g("height"), g("width"), 3], "{name}");
+        let rgb = unifusion_model::vlm::processor::RgbImage {
+            width: g("width"),
+            height: g("height"),
+            pixels: image.data,
+        };
+        let got = unifusion_model::vlm::processor::preprocess_image(
+            &rgb,
+            g("tile"),
+            g("min_tiles"),
+            g("max_tiles"),
+            &device,
+        )
+        .expect("preprocess");
+        let want = &tensors[&format!("{name}.pixel_values")];
+        assert_eq!(want.shape[0], g("tiles"), "{name}");
+        assert_eq!(
+            got.dims().as_slice(),
+            want.shape.as_slice(),
+            "{name}: shape"
+        );
+        let got = got.into_data().try_to_vec::<f32>().expect("f32");
+        let want = want.to_f32().expect("f32");
+        let (worst, at) = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .enumerate()
+            .fold(
+                (0f32, 0),
+                |(w, at), (i, d)| if d > w { (d, i) } else { (w, at) },
+            );
+        assert!(
+            worst <= PIXEL_TOL,
+            "{name}: max abs diff {worst} at {at} (got {}, want {})",
+            got[at],
+            want[at]
+        );
+    }
+}
+
+/// The same tiny models under the original OpenGVLab names (`model_original.safetensors`:
+/// fused `attn.qkv`, `ls1`, `norm1`, `mlp1.N`, `vision_model.*`) give the transformers
+/// fixtures' hidden states and logits, with no tensor left over.
+#[test]
+fn original_opengvlab_checkpoint_matches_transformers() {
+    let device = Device::flex();
+    for case in ["layernorm_untied", "rmsnorm_qknorm_tied"] {
+        let dir = fixtures().join(case);
+        let (_, config, io) = load(case, &device);
+        let mut weights = Weights::new();
+        weights
+            .add_safetensors(&std::fs::read(dir.join("model_original.safetensors")).expect("file"))
+            .expect("weights parse");
+        let model = InternVl::load(&config, &mut weights, &device).expect("original loads");
+        assert!(
+            weights.remaining().is_empty(),
+            "{case}: unused original tensors: {:?}",
+            weights.remaining()
+        );
+        for prefix in ["text", "tiles3"] {
+            let ids = io.ids(&format!("{prefix}.input_ids"));
+            let pixels = io
+                .has(&format!("{prefix}.pixel_values"))
+                .then(|| io.tensor4(&format!("{prefix}.pixel_values"), &device));
+            let taps: Vec<usize> = (0..=model.num_layers()).collect();
+            let out = model
+                .forward(
+                    VlmInput {
+                        ids: &ids,
+                        pixel_values: pixels,
+                        attention_mask: None,
+                    },
+                    &taps,
+                )
+                .expect("forward");
+            for (i, state) in out.taps {
+                let name = format!("{prefix}.hidden_states.{i}");
+                assert_close(&format!("{case} original {name}"), state, io.floats(&name));
+            }
+            assert_close(
+                &format!("{case} original {prefix}.logits"),
+                model.text.logits(out.last),
+                io.floats(&format!("{prefix}.logits")),
+            );
+        }
+    }
+}

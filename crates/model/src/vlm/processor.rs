@@ -3,7 +3,13 @@
 //!
 //! Tiling mirrors transformers v5.24 `got_ocr2` `get_all_supported_aspect_ratios` /
 //! `get_optimal_tiled_canvas` (InternVL's image processor), which agrees with OpenGVLab's
-//! `dynamic_preprocess` on every case in `tests/fixtures/vlm/tiling.json`.
+//! `dynamic_preprocess` on every case in `tests/fixtures/vlm/tiling.json`. The resize is
+//! Pillow's 8-bit BICUBIC, reproduced bit for bit, so [`preprocess_image`] equals both
+//! transformers' `GotOcr2ImageProcessorPil` and OpenGVLab's `load_image` recipe
+//! (`tests/fixtures/vlm/preprocess`, Pillow 13 as pinned; older Pillow releases always ran the
+//! horizontal pass first, see [`resize_bicubic`]). transformers' torchvision backend resizes
+//! with torch's uint8 kernel instead: one level off on a few pixels, and up to 12 levels on
+//! the fixture image Pillow resizes vertical pass first.
 
 use burn::tensor::{Device, Tensor, TensorData};
 
@@ -64,41 +70,82 @@ pub struct RgbImage<'a> {
     pub pixels: &'a [u8],
 }
 
-/// Resize (bicubic, PIL's filter: a = −0.5, antialiased when shrinking) into `[3][h][w]` f32 in 0..255.
+/// Resize with Pillow's BICUBIC filter into `[3][h][w]` values in 0..=255, bit for bit as
+/// `Image.resize` does it for 8-bit images (Pillow 13 `libImaging/Resample.c`): the cubic
+/// `a = −0.5` kernel widened by the scale when shrinking (antialiasing), weights normalised in
+/// f64 then rounded to 22-bit fixed point, two separable passes that each round half up and
+/// clamp to u8. The pass order is Pillow's too (it changes the result where the first pass
+/// clips): vertical first when the height shrinks by more than twice what the width does.
+/// Both reference recipes resize this way (OpenGVLab's `dynamic_preprocess` + torchvision
+/// `Resize` on a PIL image, and transformers' `GotOcr2ImageProcessorPil`), so tiles match
+/// theirs exactly.
 fn resize_bicubic(img: &RgbImage<'_>, out_w: usize, out_h: usize) -> Vec<f32> {
-    let wx = resample_weights(img.width, out_w);
-    let wy = resample_weights(img.height, out_h);
-    // Horizontal pass: [h][out_w][3]
-    let mut tmp = vec![0f32; img.height * out_w * 3];
-    for y in 0..img.height {
-        for (x, (start, ws)) in wx.iter().enumerate() {
-            for ch in 0..3 {
-                let mut s = 0f32;
-                for (k, w) in ws.iter().enumerate() {
-                    s += w * img.pixels[(y * img.width + start + k) * 3 + ch] as f32;
-                }
-                tmp[(y * out_w + x) * 3 + ch] = s.clamp(0.0, 255.0).round();
-            }
+    let (in_w, in_h) = (img.width, img.height);
+    let vertical_first = in_h > out_h && (in_h - out_h) as i64 > 2 * (in_w as i64 - out_w as i64);
+    let mut px = std::borrow::Cow::Borrowed(img.pixels);
+    let (mut w, mut h) = (in_w, in_h);
+    let passes: [bool; 2] = if vertical_first {
+        [false, true]
+    } else {
+        [true, false]
+    };
+    for horizontal in passes {
+        if horizontal && w != out_w {
+            px = resample_pass(&px, w, h, out_w, true).into();
+            w = out_w;
+        } else if !horizontal && h != out_h {
+            px = resample_pass(&px, w, h, out_h, false).into();
+            h = out_h;
         }
     }
+    // [h][w][3] → [3][h][w]
     let mut out = vec![0f32; 3 * out_h * out_w];
-    for (y, (start, ws)) in wy.iter().enumerate() {
-        for x in 0..out_w {
-            for ch in 0..3 {
-                let mut s = 0f32;
-                for (k, w) in ws.iter().enumerate() {
-                    s += w * tmp[((start + k) * out_w + x) * 3 + ch];
-                }
-                out[(ch * out_h + y) * out_w + x] = s.clamp(0.0, 255.0).round();
-            }
-        }
+    for (i, &v) in px.iter().enumerate() {
+        let (pixel, ch) = (i / 3, i % 3);
+        out[ch * out_h * out_w + pixel] = f32::from(v);
     }
     out
 }
 
-/// Per output index: first input index and normalised weights (PIL `precompute_coeffs`).
-fn resample_weights(input: usize, output: usize) -> Vec<(usize, Vec<f32>)> {
+/// One separable pass over `[h][w][3]` u8: the width becomes `out` (`horizontal`) or the height.
+fn resample_pass(src: &[u8], w: usize, h: usize, out: usize, horizontal: bool) -> Vec<u8> {
+    let coeffs = resample_coeffs(if horizontal { w } else { h }, out);
+    let (out_w, out_h) = if horizontal { (out, h) } else { (w, out) };
+    let mut dst = vec![0u8; out_w * out_h * 3];
+    for y in 0..out_h {
+        for x in 0..out_w {
+            let (start, ks) = &coeffs[if horizontal { x } else { y }];
+            for ch in 0..3 {
+                let acc = ks.iter().enumerate().fold(ROUND_HALF, |acc, (k, &wt)| {
+                    let (sx, sy) = if horizontal {
+                        (start + k, y)
+                    } else {
+                        (x, start + k)
+                    };
+                    acc + wt * i64::from(src[(sy * w + sx) * 3 + ch])
+                });
+                dst[(y * out_w + x) * 3 + ch] = clip8(acc);
+            }
+        }
+    }
+    dst
+}
+
+/// Pillow's fixed-point precision for 8-bit resampling (`PRECISION_BITS = 32 - 8 - 2`).
+const PRECISION_BITS: u32 = 22;
+/// `1 << (PRECISION_BITS - 1)`: the accumulator's start value, so the final shift rounds half up.
+const ROUND_HALF: i64 = 1 << (PRECISION_BITS - 1);
+
+/// Pillow's `clip8`: the accumulator shifted down (an arithmetic shift, so a floor), clamped.
+fn clip8(acc: i64) -> u8 {
+    (acc >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// Per output index: first input index and fixed-point weights (Pillow `precompute_coeffs` +
+/// `normalize_coeffs_8bpc`, with its f64 arithmetic and its truncating casts).
+fn resample_coeffs(input: usize, output: usize) -> Vec<(usize, Vec<i64>)> {
     const A: f64 = -0.5;
+    const SUPPORT: f64 = 2.0;
     let filter = |x: f64| {
         let x = x.abs();
         if x < 1.0 {
@@ -110,21 +157,32 @@ fn resample_weights(input: usize, output: usize) -> Vec<(usize, Vec<f32>)> {
         }
     };
     let scale = input as f64 / output as f64;
-    let fscale = scale.max(1.0);
-    let support = 2.0 * fscale;
+    let filterscale = scale.max(1.0);
+    let support = SUPPORT * filterscale;
+    let ss = 1.0 / filterscale;
+    let one = f64::from(1u32 << PRECISION_BITS);
     (0..output)
         .map(|o| {
             let center = (o as f64 + 0.5) * scale;
-            let lo = ((center - support + 0.5).floor().max(0.0)) as usize;
-            let hi = ((center + support + 0.5).floor() as usize).min(input);
-            let mut ws: Vec<f64> = (lo..hi)
-                .map(|i| filter((i as f64 - center + 0.5) / fscale))
+            // C's (int) cast truncates toward zero; negatives clamp to 0 either way.
+            let lo = ((center - support + 0.5) as i64).max(0) as usize;
+            let hi = ((center + support + 0.5) as i64).clamp(0, input as i64) as usize;
+            let ws: Vec<f64> = (lo..hi)
+                .map(|i| filter((i as f64 - center + 0.5) * ss))
                 .collect();
             let total: f64 = ws.iter().sum();
-            if total != 0.0 {
-                ws.iter_mut().for_each(|w| *w /= total);
-            }
-            (lo, ws.into_iter().map(|w| w as f32).collect())
+            let fixed = ws
+                .into_iter()
+                .map(|w| {
+                    let w = if total != 0.0 { w / total } else { w };
+                    if w < 0.0 {
+                        (-0.5 + w * one) as i64
+                    } else {
+                        (0.5 + w * one) as i64
+                    }
+                })
+                .collect();
+            (lo, fixed)
         })
         .collect()
 }
