@@ -158,6 +158,39 @@ mod tests {
         );
     }
 
+    /// CRC-32 (PNG's) of a chunk's type + data, for hand-edited test headers.
+    fn crc32fast_ihdr(bytes: &[u8]) -> u32 {
+        let mut crc = 0xffff_ffffu32;
+        for &b in bytes {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 {
+                    0xedb8_8320 ^ (crc >> 1)
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    #[test]
+    fn huge_images_are_refused_before_decoding() {
+        let wide = Image {
+            width: MAX_INPUT_SIDE + 1,
+            height: 1,
+            pixels: vec![7; (MAX_INPUT_SIDE + 1) * 3],
+        };
+        let err = decode_image(&encode_png(&wide, &[]).expect("test value")).expect_err("too wide");
+        assert!(err.contains("too large"), "{err}");
+        let ok = Image {
+            width: MAX_INPUT_SIDE,
+            height: 1,
+            pixels: vec![7; MAX_INPUT_SIDE * 3],
+        };
+        assert!(decode_image(&encode_png(&ok, &[]).expect("test value")).is_ok());
+    }
+
     #[test]
     fn jpeg_is_read_too() {
         let mut jpeg = Vec::new();
@@ -202,6 +235,12 @@ mod tests {
             pixels: vec![0; 3],
         };
         assert!(encode_png(&image, &[("", "x".into())]).is_err());
+        // A zero-width header (CRC fixed up, so only the size is wrong) is an error too.
+        let mut zero = encode_png(&image, &[]).expect("test value");
+        zero[16..20].copy_from_slice(&0u32.to_be_bytes());
+        let crc = crc32fast_ihdr(&zero[12..29]);
+        zero[29..33].copy_from_slice(&crc.to_be_bytes());
+        assert!(decode_image(&zero).is_err(), "zero width");
         assert!(encode_png(&image, &[("bad\nkey", "x".into())]).is_err());
     }
 }
