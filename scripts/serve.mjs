@@ -30,6 +30,16 @@ const MIME = {
   '.safetensors': 'application/octet-stream',
 };
 
+/**
+ * The page's Content-Security-Policy, also sent as a header with the page and its scripts: a
+ * module worker takes its policy from its own script's response, not from the page, so this
+ * keeps the worker's `connect-src` to this origin too. To serve the model from another CDN,
+ * add exactly its origin to `connect-src` here and in index.html.
+ */
+export const PAGE_CSP =
+  "default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; worker-src 'self'; connect-src 'self'; " +
+  "img-src 'self' blob: data:; style-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'";
+
 /** A file whose name is its own sha256 never changes: cache it forever. */
 const CONTENT_ADDRESSED = /^[0-9a-f]{64}(\.[a-z0-9]+)*$/;
 
@@ -84,11 +94,13 @@ function send(res, status, headers, body = '') {
 
 /**
  * Creates (does not start) the server.
- * @param {{root: string, models?: string, intercept?: Function}} options repository root;
- *   models directory; `intercept(req, res, file)` runs before a file is sent (tests use it to
- *   count requests and inject faults) and returns true when it has answered the request itself
+ * @param {{root: string, models?: string, intercept?: Function, onSent?: Function}} options
+ *   repository root; models directory; `intercept(req, res, file)` runs before a file is sent
+ *   (tests use it to count requests and inject faults) and returns true when it has answered
+ *   the request itself; `onSent({method, path, file, status, bytes})` after a file's body was
+ *   sent (tests and benchmarks count the bytes served)
  */
-export function createServer({ root, models, intercept }) {
+export function createServer({ root, models, intercept, onSent }) {
   const absRoot = path.resolve(root);
   const mounts = {
     index: path.join(absRoot, 'index.html'),
@@ -137,6 +149,9 @@ export function createServer({ root, models, intercept }) {
       'Accept-Ranges': 'bytes',
       ETag: etag,
     };
+    if (!file.startsWith(mounts.dirs[1][1] + path.sep) && /\.(html|m?js)$/.test(name)) {
+      headers['Content-Security-Policy'] = PAGE_CSP;
+    }
     if (req.headers['if-none-match'] === etag) return send(res, 304, headers);
 
     let start = 0;
@@ -158,6 +173,11 @@ export function createServer({ root, models, intercept }) {
     if (req.method === 'HEAD' || info.size === 0) return res.end();
     const stream = createReadStream(file, { start, end });
     stream.on('error', () => res.destroy());
+    if (onSent) {
+      let bytes = 0;
+      stream.on('data', (chunk) => (bytes += chunk.length));
+      res.on('close', () => onSent({ method: req.method, path: url.pathname, file, status, bytes }));
+    }
     stream.pipe(res);
   });
 }

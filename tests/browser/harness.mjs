@@ -9,7 +9,7 @@ import { chromium } from 'playwright-core';
 
 import { createServer, listen } from '../../scripts/serve.mjs';
 
-const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 
 export const CHROMIUM_FLAGS = [
   '--no-sandbox',
@@ -27,8 +27,8 @@ export const CHROMIUM_FLAGS = [
  * and opens `pathname`. Everything is torn down when the test `t` ends. The session's `server`
  * can be closed early to test offline behaviour.
  */
-export async function openPage(t, pathname = '/', { models, intercept } = {}) {
-  const server = createServer({ root: ROOT, models, intercept });
+export async function openPage(t, pathname = '/', { models, intercept, onSent } = {}) {
+  const server = createServer({ root: ROOT, models, intercept, onSent });
   const base = await listen(server, 0);
   const profile = await mkdtemp(path.join(tmpdir(), 'unifusion-chromium-'));
   const context = await chromium.launchPersistentContext(profile, {
@@ -42,7 +42,11 @@ export async function openPage(t, pathname = '/', { models, intercept } = {}) {
     await rm(profile, { recursive: true, force: true });
   });
   const page = context.pages()[0] ?? (await context.newPage());
-  const session = { page, base, server, context, console: [], pageErrors: [] };
+  // Every request the browser makes (page and workers), with its body: privacy tests read it.
+  const session = { page, base, server, context, console: [], pageErrors: [], requests: [] };
+  context.on('request', (req) =>
+    session.requests.push({ url: req.url(), method: req.method(), body: req.postDataBuffer(), headers: req.headers() }),
+  );
   page.on('console', (msg) => session.console.push(`${msg.type()}: ${msg.text()}`));
   page.on('pageerror', (err) => session.pageErrors.push(String(err)));
   await page.goto(new URL(pathname, base).href);
