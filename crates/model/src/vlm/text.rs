@@ -7,8 +7,8 @@
 //! Hidden-state taps use transformers' numbering: 0 = embeddings, i = output of decoder layer
 //! i−1, `num_layers` = after the final norm. Only the requested taps are kept.
 
+use crate::linear::LinearW;
 use burn::module::{Module, Param};
-use burn::nn::Linear;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData, activation};
@@ -48,10 +48,10 @@ impl RmsNorm {
 /// Self-attention with GQA and rotate-half RoPE.
 #[derive(Module, Debug)]
 pub struct Qwen2Attention {
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
-    pub o_proj: Linear,
+    pub q_proj: LinearW,
+    pub k_proj: LinearW,
+    pub v_proj: LinearW,
+    pub o_proj: LinearW,
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
@@ -60,9 +60,9 @@ pub struct Qwen2Attention {
 /// SwiGLU: `down(silu(gate(x)) · up(x))`.
 #[derive(Module, Debug)]
 pub struct Qwen2Mlp {
-    pub gate_proj: Linear,
-    pub up_proj: Linear,
-    pub down_proj: Linear,
+    pub gate_proj: LinearW,
+    pub up_proj: LinearW,
+    pub down_proj: LinearW,
 }
 
 /// One pre-norm decoder block.
@@ -74,15 +74,103 @@ pub struct Qwen2DecoderLayer {
     pub mlp: Qwen2Mlp,
 }
 
+/// The largest tensor kept in one piece, in bytes of f32: WebGPU's default
+/// `maxStorageBufferBindingSize` (128 MiB). A real VLM's embedding and `lm_head` exceed it
+/// (Qwen2.5-0.5B: 151 674 × 896 × 4 B = 543 MB), so they are kept in vocabulary blocks.
+pub const MAX_BINDING_BYTES: usize = 128 << 20;
+
+/// A `[vocab, hidden]` matrix in vocabulary blocks of at most `block_rows` rows each, so no
+/// single buffer passes the device's binding limit.
+#[derive(Module, Debug)]
+pub struct VocabBlocks {
+    /// Row blocks, `[≤ block_rows, hidden]` each, in vocabulary order.
+    pub blocks: Vec<Param<Tensor<2>>>,
+    /// Rows per block (the last may have fewer).
+    pub block_rows: usize,
+}
+
+impl VocabBlocks {
+    /// Splits `matrix` `[vocab, hidden]` into blocks of at most `max_bytes` (as f32).
+    pub fn split(matrix: Tensor<2>, max_bytes: usize) -> Self {
+        let [vocab, hidden] = matrix.dims();
+        let block_rows = (max_bytes / (4 * hidden.max(1))).clamp(1, vocab.max(1));
+        let blocks = (0..vocab.div_ceil(block_rows))
+            .map(|b| {
+                let start = b * block_rows;
+                let rows = block_rows.min(vocab - start);
+                Param::from_tensor(matrix.clone().narrow(0, start, rows))
+            })
+            .collect();
+        Self { blocks, block_rows }
+    }
+
+    /// The whole matrix's `[vocab, hidden]`.
+    pub fn dims(&self) -> [usize; 2] {
+        let vocab = self.blocks.iter().map(|b| b.dims()[0]).sum();
+        let hidden = self.blocks.first().map_or(0, |b| b.dims()[1]);
+        [vocab, hidden]
+    }
+
+    /// The device the blocks live on.
+    pub fn device(&self) -> Device {
+        self.blocks
+            .first()
+            .map_or_else(Device::default, |b| b.device())
+    }
+
+    /// Rows `ids` (each `< vocab`, checked by the caller) → `[ids.len(), hidden]`.
+    pub fn rows(&self, ids: &[u32], device: &Device) -> Tensor<2> {
+        let index = |v: Vec<i64>| {
+            let n = v.len();
+            Tensor::<1, Int>::from_data(TensorData::new(v, [n]), device)
+        };
+        if let [only] = self.blocks.as_slice() {
+            return only
+                .val()
+                .select(0, index(ids.iter().map(|&i| i64::from(i)).collect()));
+        }
+        // Gather each block's rows, then put them back in the order asked for.
+        let mut parts = Vec::new();
+        let mut order = Vec::with_capacity(ids.len());
+        for (b, block) in self.blocks.iter().enumerate() {
+            let (positions, local): (Vec<usize>, Vec<i64>) = ids
+                .iter()
+                .enumerate()
+                .filter(|&(_, &id)| id as usize / self.block_rows == b)
+                .map(|(pos, &id)| (pos, (id as usize % self.block_rows) as i64))
+                .unzip();
+            if !local.is_empty() {
+                parts.push(block.val().select(0, index(local)));
+                order.extend(positions);
+            }
+        }
+        let mut inverse = vec![0i64; order.len()];
+        for (k, &pos) in order.iter().enumerate() {
+            inverse[pos] = k as i64;
+        }
+        Tensor::cat(parts, 0).select(0, index(inverse))
+    }
+
+    /// `x · Wᵀ`: `[batch, seq, hidden]` → `[batch, seq, vocab]`, one matmul per block.
+    pub fn project(&self, x: Tensor<3>) -> Tensor<3> {
+        let parts: Vec<Tensor<3>> = self
+            .blocks
+            .iter()
+            .map(|b| burn::tensor::module::linear(x.clone(), b.val().transpose(), None))
+            .collect();
+        Tensor::cat(parts, 2)
+    }
+}
+
 /// The Qwen2 language model with its head.
 #[derive(Module, Debug)]
 pub struct Qwen2Model {
-    /// `[vocab, hidden]`
-    pub embed_tokens: Param<Tensor<2>>,
+    /// `[vocab, hidden]`, in blocks under the binding limit.
+    pub embed_tokens: VocabBlocks,
     pub layers: Vec<Qwen2DecoderLayer>,
     pub norm: RmsNorm,
-    /// `[hidden, vocab]` (tied: the transposed embedding).
-    pub lm_head: Param<Tensor<2>>,
+    /// `[vocab, hidden]` (tied: a copy of the embedding), in blocks under the binding limit.
+    pub lm_head: VocabBlocks,
     /// RoPE base.
     pub theta: f64,
 }
@@ -177,20 +265,26 @@ impl Qwen2Model {
             });
         }
         Ok(Self {
-            embed_tokens: Param::from_tensor(embed),
+            embed_tokens: VocabBlocks::split(embed, MAX_BINDING_BYTES),
             layers,
             norm: RmsNorm::load(w, "text.norm", h, c.rms_norm_eps, device)?,
-            lm_head: Param::from_tensor(lm_head.transpose()),
+            lm_head: VocabBlocks::split(lm_head, MAX_BINDING_BYTES),
             theta: c.theta(),
         })
     }
 
     /// Token embeddings: `ids` row-major `[batch, seq]` → `[batch·seq, hidden]`.
     pub fn embed(&self, ids: &[u32], device: &Device) -> Tensor<2> {
-        let idx: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-        let n = idx.len();
-        let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [n]), device);
-        self.embed_tokens.val().select(0, idx)
+        self.embed_tokens.rows(ids, device)
+    }
+
+    /// Re-splits the embedding and `lm_head` into blocks of at most `max_bytes` (f32), e.g.
+    /// for an adapter with a smaller binding limit than [`MAX_BINDING_BYTES`].
+    pub fn reblock(&mut self, max_bytes: usize) {
+        for m in [&mut self.embed_tokens, &mut self.lm_head] {
+            let whole = Tensor::cat(m.blocks.iter().map(|b| b.val()).collect(), 0);
+            *m = VocabBlocks::split(whole, max_bytes);
+        }
     }
 
     /// Vocabulary size.
@@ -200,7 +294,7 @@ impl Qwen2Model {
 
     /// `[batch, seq, hidden]` final-norm states → `[batch, seq, vocab]` logits.
     pub fn logits(&self, last: Tensor<3>) -> Tensor<3> {
-        burn::tensor::module::linear(last, self.lm_head.val(), None)
+        self.lm_head.project(last)
     }
 
     /// Run the decoder on `embeds` `[batch, seq, hidden]` at positions `cache.len()..`.
@@ -394,4 +488,51 @@ fn causal_padding_mask(
         TensorData::new(m, [batch, heads, seq, total]),
         device,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Device, DeviceKind, Tensor, TensorData};
+
+    use super::VocabBlocks;
+
+    fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+        t.into_data().convert::<f32>().to_vec::<f32>().expect("f32")
+    }
+
+    /// Blocks that split the vocabulary unevenly give exactly the rows and logits of the
+    /// whole matrix, ids in any order and repeated, on Flex and wgpu.
+    #[test]
+    fn vocab_blocks_match_the_whole_matrix() {
+        for device in [Device::flex(), Device::wgpu(DeviceKind::DefaultDevice)] {
+            let (vocab, hidden) = (23, 5);
+            let w: Vec<f32> = (0..vocab * hidden)
+                .map(|i| (i as f32 * 0.37).sin())
+                .collect();
+            let matrix = Tensor::<2>::from_data(TensorData::new(w, [vocab, hidden]), &device);
+            let whole = VocabBlocks::split(matrix.clone(), usize::MAX);
+            assert_eq!(whole.blocks.len(), 1);
+            // 7 rows of 5 f32 = 140 bytes a block: blocks of 7, 7, 7, 2 rows.
+            let blocked = VocabBlocks::split(matrix, 7 * hidden * 4);
+            assert_eq!(blocked.blocks.len(), 4);
+            assert_eq!(blocked.dims(), [vocab, hidden]);
+            let ids = [22, 0, 7, 6, 13, 7, 21, 14, 1];
+            assert_eq!(
+                values(blocked.rows(&ids, &device)),
+                values(whole.rows(&ids, &device))
+            );
+            let x: Vec<f32> = (0..2 * 3 * hidden)
+                .map(|i| (i as f32 * 0.11).cos())
+                .collect();
+            let x = Tensor::<3>::from_data(TensorData::new(x, [2, 3, hidden]), &device);
+            let (a, b) = (values(blocked.project(x.clone())), values(whole.project(x)));
+            assert_eq!(a.len(), 2 * 3 * vocab);
+            let worst = a
+                .iter()
+                .zip(&b)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0.0, f32::max);
+            assert!(worst < 1e-5, "blocked logits differ by {worst}");
+        }
+    }
 }
