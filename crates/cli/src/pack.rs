@@ -2,7 +2,10 @@
 //! (format: `docs/WEIGHTS.md`).
 //!
 //! Input files are read tensor by tensor, so memory stays at one shard plus one tensor
-//! whatever the checkpoint's size. The manifest is written last and atomically.
+//! whatever the checkpoint's size. The manifest is written last and atomically. Checkpoint
+//! layouts and the check against `--config` are in [`layout`].
+
+mod layout;
 
 use std::path::{Path, PathBuf};
 
@@ -11,22 +14,24 @@ use unifusion_weights::native::{DirOutput, SafetensorsFile};
 use unifusion_weights::safetensors_header::HeaderTensor;
 use unifusion_weights::{Dtype, ModelInfo, Packer};
 
+use unifusion_model::pipeline::UniFusionConfig;
+
 use crate::CliError;
 
-/// How the input checkpoint names its tensors.
+/// How an input checkpoint names its tensors (see [`layout`] for the renames).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Layout {
-    /// Safetensors files whose tensor names are already the model's.
+    /// Safetensors files whose tensor names are already the manifest's.
     Project,
-    /// InternVL3, original checkpoint names (not written yet).
+    /// InternVL3 VLM, original OpenGVLab names.
     Internvl,
-    /// InternVL3, transformers names (not written yet).
+    /// InternVL3 VLM, transformers names.
     InternvlHf,
-    /// Krea-2, original names (not written yet).
+    /// Krea 2 transformer, original names.
     Krea2,
-    /// Krea-2, diffusers names (not written yet).
+    /// Krea 2 transformer, diffusers names.
     Krea2Diffusers,
-    /// FLUX/diffusers AutoencoderKL (not written yet).
+    /// VAE, diffusers AutoencoderKL / AutoencoderTiny names.
     VaeDiffusers,
 }
 
@@ -39,10 +44,13 @@ pub enum FloatDtype {
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Safetensors files, or directories whose `*.safetensors` files are all taken.
+    /// Inputs, repeatable: `PATH` (in `--layout`'s layout) or `LAYOUT=PATH`, so one manifest
+    /// takes every component (`--from internvl=InternVL3-1B --from krea2=krea2.safetensors
+    /// --from vae-diffusers=vae`). A path is a safetensors file or a directory whose
+    /// `*.safetensors` files are all taken.
     #[arg(long, required = true, num_args = 1..)]
-    from: Vec<PathBuf>,
-    /// How the input names its tensors.
+    from: Vec<String>,
+    /// Layout of the `--from` paths given without `LAYOUT=`.
     #[arg(long, value_enum, default_value = "project")]
     layout: Layout,
     /// Output directory (created if missing).
@@ -54,7 +62,9 @@ pub struct Args {
     /// Shard size limit in MiB; a larger tensor gets a shard of its own.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
     shard_size_mib: u64,
-    /// The full model config (JSON object: vlm, generator, vae, tokenizer, sampling).
+    /// The full model config (a JSON object; a UniFusion config `{vlm, transformer, vae,
+    /// pipeline}` to have every tensor checked against it; required by every layout but
+    /// `project`).
     #[arg(long)]
     config: Option<PathBuf>,
     /// tokenizer.json, stored beside the shards under its sha256.
@@ -70,6 +80,17 @@ pub struct Args {
 
 fn usage(e: impl std::fmt::Display) -> CliError {
     CliError::Usage(e.to_string())
+}
+
+/// `--from` values as `(layout, path)`: `LAYOUT=PATH`, or a plain path in `default`'s layout.
+fn input_specs(from: &[String], default: Layout) -> Vec<(Layout, PathBuf)> {
+    from.iter()
+        .map(|spec| {
+            spec.split_once('=')
+                .and_then(|(l, path)| Some((Layout::from_str(l, false).ok()?, PathBuf::from(path))))
+                .unwrap_or_else(|| (default, PathBuf::from(spec)))
+        })
+        .collect()
 }
 
 /// The input files: each path as given, directories expanded to their sorted `*.safetensors`.
@@ -116,33 +137,111 @@ fn read_config(path: Option<&Path>) -> Result<serde_json::Value, CliError> {
     Ok(value)
 }
 
-pub fn run(args: Args) -> Result<(), CliError> {
-    if args.layout != Layout::Project {
-        return Err(usage(format!(
-            "layout `{}` is not written yet; convert to project names and use --layout project",
-            args.layout
-                .to_possible_value()
-                .map_or_else(String::new, |v| v.get_name().to_owned())
-        )));
+fn layout_name(layout: Layout) -> String {
+    layout
+        .to_possible_value()
+        .map_or_else(String::new, |v| v.get_name().to_owned())
+}
+
+/// The UniFusion config to check tensors against: required when a layout converts, used
+/// whenever `--config` is one.
+fn model_config(
+    config: &serde_json::Value,
+    specs: &[(Layout, PathBuf)],
+) -> Result<Option<UniFusionConfig>, CliError> {
+    let converting = specs.iter().find(|(l, _)| *l != Layout::Project);
+    match (
+        serde_json::from_value::<UniFusionConfig>(config.clone()),
+        converting,
+    ) {
+        (Ok(c), _) => Ok(Some(c)),
+        (Err(_), None) => Ok(None),
+        (Err(e), Some((l, _))) => Err(usage(format!(
+            "--from {}=...: converted tensors are checked against the model config; give --config with a UniFusion config (vlm, transformer, vae, pipeline): {e}",
+            layout_name(*l)
+        ))),
     }
+}
+
+/// One tensor to write: its manifest name and shape, and the input tensor its bytes come from.
+struct Planned {
+    name: String,
+    shape: Vec<u64>,
+    part: layout::Part,
+    file: usize,
+    source: HeaderTensor,
+}
+
+impl Planned {
+    fn read(&self, inputs: &mut [SafetensorsFile]) -> Result<Vec<u8>, CliError> {
+        let bytes = inputs[self.file].read(&self.source).map_err(usage)?;
+        Ok(match self.part {
+            layout::Part::Whole => bytes,
+            layout::Part::Third(i) => {
+                let third = bytes.len() / 3;
+                bytes[i * third..(i + 1) * third].to_vec()
+            }
+        })
+    }
+}
+
+pub fn run(args: Args) -> Result<(), CliError> {
     let config = read_config(args.config.as_deref())?;
-    let files = input_files(&args.from)?;
+    let specs = input_specs(&args.from, args.layout);
+    let model = model_config(&config, &specs)?;
+    let mut files = Vec::new();
+    let mut layouts = Vec::new();
+    for (layout, path) in &specs {
+        for file in input_files(std::slice::from_ref(path))? {
+            files.push(file);
+            layouts.push(*layout);
+        }
+    }
     let mut inputs = Vec::with_capacity(files.len());
-    // Every tensor of every file, sorted by name: a stable order whatever the file split.
-    let mut tensors: Vec<(usize, HeaderTensor)> = Vec::new();
+    // Every converted tensor of every file, sorted by name: a stable order whatever the split.
+    let mut tensors: Vec<Planned> = Vec::new();
+    let mut dropped: Vec<String> = Vec::new();
     for (i, path) in files.iter().enumerate() {
         let file = SafetensorsFile::open(path).map_err(usage)?;
-        tensors.extend(file.header.tensors.iter().cloned().map(|t| (i, t)));
+        for t in &file.header.tensors {
+            let renamed = layout::rename(layouts[i], &t.name, &t.shape)
+                .map_err(|e| usage(format!("{}: {e}", path.display())))?;
+            match renamed {
+                layout::Renamed::Drop => dropped.push(t.name.clone()),
+                layout::Renamed::Keep(parts) => {
+                    tensors.extend(parts.into_iter().map(|c| Planned {
+                        name: c.name,
+                        shape: c.shape,
+                        part: c.part,
+                        file: i,
+                        source: t.clone(),
+                    }))
+                }
+            }
+        }
         inputs.push(file);
     }
-    tensors.sort_by(|a, b| a.1.name.cmp(&b.1.name));
-    if let Some(w) = tensors.windows(2).find(|w| w[0].1.name == w[1].1.name) {
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    if let Some(w) = tensors.windows(2).find(|w| w[0].name == w[1].name) {
         return Err(usage(format!(
-            "tensor `{}` is in both {} and {}",
-            w[0].1.name,
-            files[w[0].0].display(),
-            files[w[1].0].display()
+            "tensor `{}` comes from both `{}` in {} and `{}` in {}",
+            w[0].name,
+            w[0].source.name,
+            files[w[0].file].display(),
+            w[1].source.name,
+            files[w[1].file].display()
         )));
+    }
+    if let Some(model) = &model {
+        let entries: Vec<layout::Entry<'_>> = tensors
+            .iter()
+            .map(|t| layout::Entry {
+                name: &t.name,
+                dtype: t.source.dtype,
+                shape: &t.shape,
+            })
+            .collect();
+        layout::check(model, &entries).map_err(usage)?;
     }
     let target = args.dtype.map(|d| match d {
         FloatDtype::F32 => Dtype::F32,
@@ -158,15 +257,16 @@ pub fn run(args: Args) -> Result<(), CliError> {
         }
         None => None,
     };
-    for (i, t) in &tensors {
-        let bytes = inputs[*i].read(t).map_err(usage)?;
+    for t in &tensors {
+        let bytes = t.read(&mut inputs)?;
+        let source = t.source.dtype;
         let (dtype, bytes) = match target {
-            Some(to) if t.dtype.is_convertible_float() && t.dtype != to => {
-                let converted = unifusion_weights::dtype::convert_float(&bytes, t.dtype, to)
+            Some(to) if source.is_convertible_float() && source != to => {
+                let converted = unifusion_weights::dtype::convert_float(&bytes, source, to)
                     .ok_or_else(|| usage(format!("tensor `{}`: cannot convert", t.name)))?;
                 (to, converted)
             }
-            _ => (t.dtype, bytes),
+            _ => (source, bytes),
         };
         packer
             .add(&t.name, dtype, &t.shape, &bytes)
@@ -197,5 +297,33 @@ pub fn run(args: Args) -> Result<(), CliError> {
         largest,
         args.out.display()
     );
+    if let Some(first) = dropped.first() {
+        println!(
+            "dropped {} tensors that are no transformer weights (e.g. `{first}`)",
+            dropped.len()
+        );
+    }
+    if model.is_some() {
+        let present: Vec<&str> = layout::COMPONENTS
+            .into_iter()
+            .filter(|c| tensors.iter().any(|t| t.name.starts_with(&format!("{c}."))))
+            .collect();
+        let absent: Vec<&str> = layout::COMPONENTS
+            .into_iter()
+            .filter(|c| !present.contains(c))
+            .collect();
+        println!(
+            "checked {} against the config{}",
+            present.join(", "),
+            if absent.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; no tensors for {}: not a complete model",
+                    absent.join(", ")
+                )
+            }
+        );
+    }
     Ok(())
 }

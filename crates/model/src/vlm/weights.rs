@@ -138,6 +138,18 @@ impl Weights {
     }
 }
 
+fn check_shape(name: &str, got: &[usize], expected: &[usize]) -> Result<(), VlmError> {
+    if got == expected {
+        Ok(())
+    } else {
+        Err(VlmError::TensorShape {
+            name: name.to_string(),
+            expected: expected.to_vec(),
+            got: got.to_vec(),
+        })
+    }
+}
+
 impl Default for Weights {
     fn default() -> Self {
         Self::new()
@@ -223,12 +235,19 @@ pub fn parse_safetensors(bytes: &[u8]) -> Result<Vec<RawTensor<'_>>, VlmError> {
 
 type Named = (String, Vec<f32>, Vec<usize>);
 
-/// Map one checkpoint key onto canonical name(s); the original fused `qkv` becomes three.
-fn canonical_names(
-    name: &str,
-    values: Vec<f32>,
-    shape: Vec<usize>,
-) -> Result<Vec<Named>, VlmError> {
+/// Where one checkpoint key goes (see the table in the module docs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CanonicalName {
+    /// One canonical name, same data. A key no spelling knows passes through unchanged (the
+    /// loader then reports it as unused).
+    One(String),
+    /// The original fused `attn.qkv`: q, k, v stacked on the first axis, split in thirds.
+    SplitQkv([String; 3]),
+}
+
+/// The canonical name(s) of one checkpoint key of shape `shape`. A fused `qkv` whose first
+/// axis does not divide by 3 is an error naming it.
+pub fn canonical_name(name: &str, shape: &[usize]) -> Result<CanonicalName, VlmError> {
     const PREFIXES: [(&str, &str); 9] = [
         ("language_model.lm_head.", "lm_head."),
         ("model.language_model.", "text."),
@@ -240,9 +259,10 @@ fn canonical_names(
         ("multi_modal_projector.", "projector."),
         ("lm_head.", "lm_head."),
     ];
+    let one = |n: String| Ok(CanonicalName::One(n));
     for (from, to) in PREFIXES {
         if let Some(rest) = name.strip_prefix(from) {
-            return Ok(vec![(format!("{to}{rest}"), values, shape)]);
+            return one(format!("{to}{rest}"));
         }
     }
     if let Some(rest) = name.strip_prefix("mlp1.") {
@@ -251,71 +271,90 @@ fn canonical_names(
             "0" => "layer_norm",
             "1" => "linear_1",
             "3" => "linear_2",
-            _ => return Ok(vec![(name.to_string(), values, shape)]),
+            _ => return one(name.to_string()),
         };
-        return Ok(vec![(format!("projector.{layer}.{leaf}"), values, shape)]);
+        return one(format!("projector.{layer}.{leaf}"));
     }
-    if let Some(rest) = name.strip_prefix("vision_model.") {
-        return original_vision(rest, values, shape);
+    match name.strip_prefix("vision_model.") {
+        Some(rest) => original_vision(rest, shape),
+        None => one(name.to_string()),
     }
-    Ok(vec![(name.to_string(), values, shape)])
 }
 
-fn original_vision(
-    rest: &str,
+/// The transformers name (`InternVLForConditionalGeneration.state_dict()`, the spelling
+/// `unifusion pack` writes after `vlm.`) of a canonical name.
+pub fn transformers_name(canonical: &str) -> String {
+    for (from, to) in [
+        ("vision.", "model.vision_tower."),
+        ("projector.", "model.multi_modal_projector."),
+        ("text.", "model.language_model."),
+    ] {
+        if let Some(rest) = canonical.strip_prefix(from) {
+            return format!("{to}{rest}");
+        }
+    }
+    canonical.to_string()
+}
+
+/// Map one checkpoint tensor onto canonical name(s); the original fused `qkv` becomes three.
+fn canonical_names(
+    name: &str,
     values: Vec<f32>,
     shape: Vec<usize>,
 ) -> Result<Vec<Named>, VlmError> {
-    let one = |n: String, v, s| Ok(vec![(n, v, s)]);
-    match rest {
-        "embeddings.class_embedding" => {
-            return one("vision.embeddings.cls_token".into(), values, shape);
+    Ok(match canonical_name(name, &shape)? {
+        CanonicalName::One(n) => vec![(n, values, shape)],
+        CanonicalName::SplitQkv(names) => {
+            let per = values.len() / 3;
+            let mut part_shape = shape;
+            part_shape[0] /= 3;
+            names
+                .into_iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    (
+                        n,
+                        values[i * per..(i + 1) * per].to_vec(),
+                        part_shape.clone(),
+                    )
+                })
+                .collect()
         }
+    })
+}
+
+/// Original InternViT keys (`vision_model.` stripped): transformers'
+/// `convert_internvl_weights_to_hf.py` `ORIGINAL_TO_CONVERTED_KEY_MAPPING_VISION`.
+fn original_vision(rest: &str, shape: &[usize]) -> Result<CanonicalName, VlmError> {
+    let one = |n: String| Ok(CanonicalName::One(n));
+    match rest {
+        "embeddings.class_embedding" => return one("vision.embeddings.cls_token".into()),
         "embeddings.position_embedding" => {
-            return one(
-                "vision.embeddings.position_embeddings".into(),
-                values,
-                shape,
-            );
+            return one("vision.embeddings.position_embeddings".into());
         }
         _ => {}
     }
     if let Some(leaf) = rest.strip_prefix("embeddings.patch_embedding.") {
-        return one(
-            format!("vision.embeddings.patch_embeddings.projection.{leaf}"),
-            values,
-            shape,
-        );
+        return one(format!(
+            "vision.embeddings.patch_embeddings.projection.{leaf}"
+        ));
     }
     let Some(layer_rest) = rest.strip_prefix("encoder.layers.") else {
-        return one(format!("vision_model.{rest}"), values, shape);
+        return one(format!("vision_model.{rest}"));
     };
     let (n, sub) = layer_rest.split_once('.').unwrap_or((layer_rest, ""));
     let base = format!("vision.encoder.layer.{n}.");
     if let Some(leaf) = sub.strip_prefix("attn.qkv.") {
         // [3C, C] weight or [3C] bias: q, k, v stacked on the first axis.
         let rows = shape.first().copied().unwrap_or(0);
-        if rows % 3 != 0 {
-            return Err(VlmError::TensorShape {
-                name: format!("vision_model.{rest}"),
-                expected: vec![3, rows / 3],
-                got: shape,
-            });
+        if rows == 0 || !rows.is_multiple_of(3) {
+            return Err(VlmError::Weights(format!(
+                "tensor `vision_model.{rest}` has shape {shape:?}: a fused qkv needs a first axis that divides by 3"
+            )));
         }
-        let per = values.len() / 3;
-        let mut part_shape = shape.clone();
-        part_shape[0] = rows / 3;
-        return Ok(["q", "k", "v"]
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                (
-                    format!("{base}attention.{p}_proj.{leaf}"),
-                    values[i * per..(i + 1) * per].to_vec(),
-                    part_shape.clone(),
-                )
-            })
-            .collect());
+        return Ok(CanonicalName::SplitQkv(
+            ["q", "k", "v"].map(|p| format!("{base}attention.{p}_proj.{leaf}")),
+        ));
     }
     const LAYER_MAP: [(&str, &str); 9] = [
         ("attn.proj.", "attention.projection_layer."),
@@ -330,10 +369,10 @@ fn original_vision(
     ];
     for (from, to) in LAYER_MAP {
         if let Some(leaf) = sub.strip_prefix(from) {
-            return one(format!("{base}{to}{leaf}"), values, shape);
+            return one(format!("{base}{to}{leaf}"));
         }
     }
-    one(format!("vision_model.{rest}"), values, shape)
+    one(format!("vision_model.{rest}"))
 }
 
 impl Weights {
