@@ -7,10 +7,12 @@
 //! - [`pipeline`]: UniFusion end to end: VERIFI rewrite + taps → LAP → DiT sampling → VAE,
 //!   for text-to-image, editing, multi-reference, variation and zero-shot editing.
 //!
+//! - [`linear`]: Linear layers with a float or an int8/int4 weight ([`linear::LinearW`]).
 //! - [`load`]: a whole model from a packed manifest through the weights crate's streaming
 //!   loader (shard bytes from any source; nothing here reads files).
 
 pub mod generator;
+pub mod linear;
 pub mod load;
 pub mod pipeline;
 pub mod vlm;

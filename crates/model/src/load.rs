@@ -22,10 +22,13 @@ use unifusion_weights::loader::{ShardSource, TensorSink};
 use unifusion_weights::manifest::sha256_hex;
 use unifusion_weights::{Dtype, Manifest, Progress};
 
+use unifusion_kernels::QuantLinear;
+
 use crate::generator::params::{LoadError as ParamError, ParamSource};
 use crate::generator::tiny_vae::TinyDecoder;
 use crate::generator::vae::AutoencoderKl;
 use crate::generator::{GeneratorError, Krea2Transformer};
+use crate::linear::QuantStore;
 use crate::pipeline::{PipelineError, UniFusion, UniFusionConfig, Vae, VaeConfig};
 use crate::vlm::processor::VlmTokenizer;
 use crate::vlm::{InternVl, VlmError, Weights};
@@ -163,6 +166,20 @@ impl TensorSink for ModelSink {
         if component == "vae" && (rest.starts_with("encoder.") || rest.starts_with("quant_conv.")) {
             return Ok(());
         }
+        // Quantized Linear weights (`….weight.q8`/`.q4` + `.scales`) go to the quant stores.
+        let quant = match component {
+            "vlm" => self
+                .vlm
+                .add_quantized(rest, dtype, shape, bytes, &self.device),
+            "transformer" => self
+                .transformer
+                .quant
+                .add(rest, dtype, shape, bytes, &self.device),
+            _ => Ok(false),
+        };
+        if quant.map_err(|e| ModelLoadError::Config(format!("{component}: {e}")))? {
+            return Ok(());
+        }
         let values = to_f32(name, dtype, bytes)?;
         match component {
             "vlm" => self.vlm.add(rest, values, shape.to_vec())?,
@@ -250,6 +267,8 @@ impl LeftoverSource for crate::generator::WeightMap {
 #[derive(Default)]
 pub struct DeviceParams {
     tensors: BTreeMap<String, (Tensor<1>, Vec<usize>)>,
+    /// Block-quantized Linear weights, by the name of the float weight they replace.
+    pub quant: QuantStore,
 }
 
 impl DeviceParams {
@@ -281,14 +300,27 @@ impl ParamSource for DeviceParams {
         }
         Ok(flat.to_device(device).reshape(shape))
     }
+
+    fn quant_linear(
+        &mut self,
+        weight: &str,
+        d_in: usize,
+        d_out: usize,
+    ) -> Result<Option<QuantLinear>, ParamError> {
+        self.quant
+            .take(weight, d_in, d_out, None)
+            .map_err(ParamError::Quantized)
+    }
 }
 
 impl LeftoverSource for DeviceParams {
     fn check_all_taken(&self) -> Result<(), ParamError> {
-        if self.tensors.is_empty() {
+        let mut unused: Vec<String> = self.tensors.keys().cloned().collect();
+        unused.extend(self.quant.leftovers());
+        if unused.is_empty() {
             Ok(())
         } else {
-            Err(ParamError::Unused(self.tensors.keys().cloned().collect()))
+            Err(ParamError::Unused(unused))
         }
     }
 }

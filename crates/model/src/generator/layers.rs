@@ -2,14 +2,14 @@
 //! scale (`x̂ · (1 + w)`, eps 1e-5), self-attention with GQA, per-head QK RMSNorm, RoPE and a
 //! sigmoid output gate (`to_out(attn · σ(to_gate(x)))`), and a SwiGLU MLP. No biases.
 
+use crate::linear::LinearW;
 use burn::module::{Module, Param};
-use burn::nn::Linear;
 use burn::tensor::activation::{sigmoid, silu};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Tensor};
 
-use super::params::{LoadError, ParamSource, linear};
+use super::params::{LoadError, ParamSource, linear_w};
 use super::rope::RopeTable;
 
 /// RMSNorm over the last axis with multiplier `1 + weight` (Krea 2's checkpoint format).
@@ -71,19 +71,19 @@ impl KeyMask {
 #[derive(Module, Debug)]
 pub struct Attention {
     /// `to_q`: `dim → heads · head_dim`.
-    pub to_q: Linear,
+    pub to_q: LinearW,
     /// `to_k`: `dim → kv_heads · head_dim`.
-    pub to_k: Linear,
+    pub to_k: LinearW,
     /// `to_v`: `dim → kv_heads · head_dim`.
-    pub to_v: Linear,
+    pub to_v: LinearW,
     /// `to_gate`: `dim → dim`, sigmoid gate on the attention output.
-    pub to_gate: Linear,
+    pub to_gate: LinearW,
     /// Per-head RMSNorm of the queries.
     pub norm_q: Krea2RmsNorm,
     /// Per-head RMSNorm of the keys.
     pub norm_k: Krea2RmsNorm,
     /// `to_out.0`: `dim → dim`.
-    pub to_out: Linear,
+    pub to_out: LinearW,
     /// Query heads.
     pub heads: usize,
     /// Key/value heads.
@@ -103,7 +103,7 @@ impl Attention {
     ) -> Result<Self, LoadError> {
         let head_dim = dim / heads;
         Ok(Self {
-            to_q: linear(
+            to_q: linear_w(
                 src,
                 &format!("{name}.to_q"),
                 dim,
@@ -111,7 +111,7 @@ impl Attention {
                 false,
                 device,
             )?,
-            to_k: linear(
+            to_k: linear_w(
                 src,
                 &format!("{name}.to_k"),
                 dim,
@@ -119,7 +119,7 @@ impl Attention {
                 false,
                 device,
             )?,
-            to_v: linear(
+            to_v: linear_w(
                 src,
                 &format!("{name}.to_v"),
                 dim,
@@ -127,10 +127,10 @@ impl Attention {
                 false,
                 device,
             )?,
-            to_gate: linear(src, &format!("{name}.to_gate"), dim, dim, false, device)?,
+            to_gate: linear_w(src, &format!("{name}.to_gate"), dim, dim, false, device)?,
             norm_q: Krea2RmsNorm::load(src, &format!("{name}.norm_q"), head_dim, eps, device)?,
             norm_k: Krea2RmsNorm::load(src, &format!("{name}.norm_k"), head_dim, eps, device)?,
-            to_out: linear(src, &format!("{name}.to_out.0"), dim, dim, false, device)?,
+            to_out: linear_w(src, &format!("{name}.to_out.0"), dim, dim, false, device)?,
             heads,
             kv_heads,
         })
@@ -192,11 +192,11 @@ fn repeat_kv(x: Tensor<4>, heads: usize) -> Tensor<4> {
 #[derive(Module, Debug)]
 pub struct SwiGlu {
     /// `gate`: `dim → hidden`.
-    pub gate: Linear,
+    pub gate: LinearW,
     /// `up`: `dim → hidden`.
-    pub up: Linear,
+    pub up: LinearW,
     /// `down`: `hidden → dim`.
-    pub down: Linear,
+    pub down: LinearW,
 }
 
 impl SwiGlu {
@@ -209,9 +209,9 @@ impl SwiGlu {
         device: &Device,
     ) -> Result<Self, LoadError> {
         Ok(Self {
-            gate: linear(src, &format!("{name}.gate"), dim, hidden, false, device)?,
-            up: linear(src, &format!("{name}.up"), dim, hidden, false, device)?,
-            down: linear(src, &format!("{name}.down"), hidden, dim, false, device)?,
+            gate: linear_w(src, &format!("{name}.gate"), dim, hidden, false, device)?,
+            up: linear_w(src, &format!("{name}.up"), dim, hidden, false, device)?,
+            down: linear_w(src, &format!("{name}.down"), hidden, dim, false, device)?,
         })
     }
 

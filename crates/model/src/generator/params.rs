@@ -14,7 +14,10 @@ use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, Linear, PaddingConfig2d};
 use burn::tensor::{DType, Device, Shape, Tensor, TensorData};
 
+use unifusion_kernels::QuantLinear;
+
 use super::sampler::SeededNormal;
+use crate::linear::LinearW;
 
 /// Why parameters could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +46,9 @@ pub enum LoadError {
     /// The bytes are not a readable safetensors file.
     #[error("not a safetensors file: {0}")]
     Format(String),
+    /// A quantized weight's stored tensors do not fit the config or each other.
+    #[error("{0}")]
+    Quantized(String),
     /// The checkpoint holds tensors the config does not use.
     #[error("{} unused weights, e.g. `{}` (is the config right for this checkpoint?)", .0.len(), .0.first().map(String::as_str).unwrap_or(""))]
     Unused(Vec<String>),
@@ -57,6 +63,17 @@ pub trait ParamSource {
         shape: [usize; D],
         device: &Device,
     ) -> Result<Tensor<D>, LoadError>;
+
+    /// The block-quantized Linear weight `weight` (`{name}.weight`, PyTorch `[d_out, d_in]`)
+    /// when the source holds one instead of a float tensor (`docs/WEIGHTS.md`); by default none.
+    fn quant_linear(
+        &mut self,
+        _weight: &str,
+        _d_in: usize,
+        _d_out: usize,
+    ) -> Result<Option<QuantLinear>, LoadError> {
+        Ok(None)
+    }
 }
 
 /// Named tensors from a checkpoint. Each is taken once; [`WeightMap::finish`] reports leftovers.
@@ -254,6 +271,31 @@ pub(crate) fn linear(
         weight: Param::from_tensor(weight.transpose()),
         bias,
     })
+}
+
+/// Like [`linear`], but takes a quantized `{name}.weight` when the source has one (the bias
+/// stays float): the Linears a packer may quantize are built with this.
+pub(crate) fn linear_w(
+    src: &mut impl ParamSource,
+    name: &str,
+    d_in: usize,
+    d_out: usize,
+    bias: bool,
+    device: &Device,
+) -> Result<LinearW, LoadError> {
+    if let Some(mut q) = src.quant_linear(&format!("{name}.weight"), d_in, d_out)? {
+        if bias {
+            q.bias = Some(Param::from_tensor(src.tensor(
+                &format!("{name}.bias"),
+                [d_out],
+                device,
+            )?));
+        }
+        return Ok(LinearW::Quant(q));
+    }
+    Ok(LinearW::Float(linear(
+        src, name, d_in, d_out, bias, device,
+    )?))
 }
 
 /// `Conv2d` (arguments as PyTorch's `nn.Conv2d`) from `{name}.weight` `[out, in, k, k]` and `{name}.bias`.

@@ -8,8 +8,8 @@
 //! CLS dropped. Mirrors transformers v5.24 `models/internvl/modeling_internvl.py`
 //! (`InternVLVisionModel`, `InternVLModel.pixel_shuffle`, `InternVLMultiModalProjector`).
 
+use crate::linear::LinearW;
 use burn::module::{Module, Param};
-use burn::nn::Linear;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Tensor, TensorData, activation};
@@ -70,20 +70,20 @@ impl Norm {
 /// Multi-head self-attention of one InternViT block.
 #[derive(Module, Debug)]
 pub struct VisionAttention {
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
+    pub q_proj: LinearW,
+    pub k_proj: LinearW,
+    pub v_proj: LinearW,
     pub q_norm: Option<Norm>,
     pub k_norm: Option<Norm>,
-    pub projection_layer: Linear,
+    pub projection_layer: LinearW,
     pub num_heads: usize,
 }
 
 /// `fc2(gelu(fc1 x))`.
 #[derive(Module, Debug)]
 pub struct VisionMlp {
-    pub fc1: Linear,
-    pub fc2: Linear,
+    pub fc1: LinearW,
+    pub fc2: LinearW,
 }
 
 /// One LayerScale block.
@@ -123,8 +123,8 @@ pub struct VisionTower {
 #[derive(Module, Debug)]
 pub struct Projector {
     pub layer_norm: Norm,
-    pub linear_1: Linear,
-    pub linear_2: Linear,
+    pub linear_1: LinearW,
+    pub linear_2: LinearW,
     /// 1 / downsample_ratio.
     pub factor: usize,
 }

@@ -22,6 +22,7 @@ use std::collections::HashMap;
 use burn::tensor::{Device, Tensor, TensorData};
 
 use super::VlmError;
+use crate::linear::{LinearW, QuantStore};
 
 /// Checkpoint tensors keyed by canonical name, taken one by one while the model is built.
 ///
@@ -30,6 +31,10 @@ use super::VlmError;
 pub struct Weights {
     tensors: HashMap<String, (Stored, Vec<usize>)>,
     device: Option<Device>,
+    /// Block-quantized Linear weights by canonical weight name ([`Weights::add_quantized`]).
+    quant: QuantStore,
+    /// Recording mode: a missing tensor is recorded here and given as zeros.
+    asked: Option<Vec<(String, Vec<usize>)>>,
 }
 
 /// Where one tensor waits to be taken.
@@ -45,7 +50,23 @@ impl Weights {
         Self {
             tensors: HashMap::new(),
             device: None,
+            quant: QuantStore::default(),
+            asked: None,
         }
+    }
+
+    /// An empty set that answers every request with zeros of the asked shape and records
+    /// `(canonical name, shape)`: one load then lists every tensor a config needs.
+    pub fn recording() -> Self {
+        Self {
+            asked: Some(Vec::new()),
+            ..Self::new()
+        }
+    }
+
+    /// What a [`Weights::recording`] set was asked for, in order (tied tensors once).
+    pub fn recorded(&self) -> &[(String, Vec<usize>)] {
+        self.asked.as_deref().unwrap_or(&[])
     }
 
     /// An empty set that uploads every tensor to `device` as it is added.
@@ -53,6 +74,8 @@ impl Weights {
         Self {
             tensors: HashMap::new(),
             device: Some(device.clone()),
+            quant: QuantStore::default(),
+            asked: None,
         }
     }
 
@@ -92,6 +115,15 @@ impl Weights {
         self.tensors.contains_key(name)
     }
 
+    /// In recording mode, records `name` (once) and gives the shape to fill with zeros.
+    fn record<const D: usize>(&mut self, name: &str, shape: &[usize; D]) -> Option<[usize; D]> {
+        let asked = self.asked.as_mut()?;
+        if !asked.iter().any(|(n, _)| n == name) {
+            asked.push((name.to_string(), shape.to_vec()));
+        }
+        Some(*shape)
+    }
+
     /// Take a tensor of exactly `shape` onto `device`.
     pub fn take<const D: usize>(
         &mut self,
@@ -99,6 +131,9 @@ impl Weights {
         shape: [usize; D],
         device: &Device,
     ) -> Result<Tensor<D>, VlmError> {
+        if let Some(asked) = self.record(name, &shape) {
+            return Ok(Tensor::zeros(asked, device));
+        }
         let (stored, got) = self
             .tensors
             .remove(name)
@@ -117,6 +152,10 @@ impl Weights {
         shape: [usize; D],
         device: &Device,
     ) -> Result<Tensor<D>, VlmError> {
+        if self.asked.is_some() {
+            // Recording: the tensor is recorded when it is taken.
+            return Ok(Tensor::zeros(shape, device));
+        }
         let (stored, got) = self
             .tensors
             .get(name)
@@ -133,6 +172,7 @@ impl Weights {
     /// Names not taken by the model, sorted (checkpoint keys the model does not know).
     pub fn remaining(&self) -> Vec<String> {
         let mut names: Vec<String> = self.tensors.keys().cloned().collect();
+        names.extend(self.quant.leftovers());
         names.sort();
         names
     }
@@ -376,7 +416,37 @@ fn original_vision(rest: &str, shape: &[usize]) -> Result<CanonicalName, VlmErro
 }
 
 impl Weights {
-    /// A `burn::nn::Linear` from PyTorch's `[out, in]` `{prefix}.weight` (+ `{prefix}.bias`).
+    /// Takes `name` (any accepted spelling + `.q8`/`.q4`/`.scales`) if it is part of a
+    /// block-quantized Linear weight (`docs/WEIGHTS.md`), uploading the weight to `device` once
+    /// both parts are here; `Ok(false)` for any other tensor.
+    pub fn add_quantized(
+        &mut self,
+        name: &str,
+        dtype: unifusion_weights::Dtype,
+        shape: &[usize],
+        bytes: &[u8],
+        device: &Device,
+    ) -> Result<bool, String> {
+        use unifusion_weights::quant::{QuantPart, parse_name};
+        let (weight, suffix) = match parse_name(name) {
+            None => return Ok(false),
+            Some(QuantPart::Data(w, bits)) => (w, bits.suffix()),
+            Some(QuantPart::Scales(w)) => (w, unifusion_weights::quant::SCALES_SUFFIX),
+        };
+        let canonical = match canonical_name(weight, shape).map_err(|e| e.to_string())? {
+            CanonicalName::One(n) => n,
+            CanonicalName::SplitQkv(_) => {
+                return Err(format!(
+                    "`{name}`: a fused qkv cannot be stored quantized; pack with split q/k/v names"
+                ));
+            }
+        };
+        self.quant
+            .add(&format!("{canonical}{suffix}"), dtype, shape, bytes, device)
+    }
+
+    /// A Linear from PyTorch's `[out, in]` `{prefix}.weight` (+ `{prefix}.bias`): the
+    /// block-quantized weight when one was added, else the float one.
     pub fn linear(
         &mut self,
         prefix: &str,
@@ -384,7 +454,18 @@ impl Weights {
         d_out: usize,
         bias: bool,
         device: &Device,
-    ) -> Result<burn::nn::Linear, VlmError> {
+    ) -> Result<LinearW, VlmError> {
+        let name = format!("{prefix}.weight");
+        if self.quant.contains(&name) {
+            let bias = match bias {
+                true => Some(self.take(&format!("{prefix}.bias"), [d_out], device)?),
+                false => None,
+            };
+            let q = self.quant.take(&name, d_in, d_out, bias);
+            if let Some(q) = q.map_err(VlmError::Weights)? {
+                return Ok(LinearW::Quant(q));
+            }
+        }
         let weight: Tensor<2> = self.take(&format!("{prefix}.weight"), [d_out, d_in], device)?;
         let bias = if bias {
             Some(burn::module::Param::from_tensor(self.take(
@@ -395,9 +476,9 @@ impl Weights {
         } else {
             None
         };
-        Ok(burn::nn::Linear {
+        Ok(LinearW::Float(burn::nn::Linear {
             weight: burn::module::Param::from_tensor(weight.transpose()),
             bias,
-        })
+        }))
     }
 }
