@@ -419,6 +419,66 @@ pub fn logical_parameters(name: &str, elements: u64) -> u64 {
     }
 }
 
+/// Linear layers a packer quantizes, by the end of the manifest name's weight (`….weight`),
+/// per component. The model builds exactly these Linears as float-or-quantized; everything
+/// else (embeddings, `lm_head`, norms, biases, convolutions, the VAE, `img_in`, the timestep
+/// and modulation projections, `txt_in`, the final layer, the layer-pooling projector) stays
+/// float: small, or where the error would reach every token.
+pub const QUANTIZABLE_LINEARS: [(&str, &[&str]); 2] = [
+    (
+        "vlm.",
+        &[
+            // Qwen2 decoder layers.
+            ".self_attn.q_proj",
+            ".self_attn.k_proj",
+            ".self_attn.v_proj",
+            ".self_attn.o_proj",
+            ".mlp.gate_proj",
+            ".mlp.up_proj",
+            ".mlp.down_proj",
+            // InternViT layers (transformers names; OpenGVLab's `attn.proj`, `mlp.fc1/2`).
+            ".attention.q_proj",
+            ".attention.k_proj",
+            ".attention.v_proj",
+            ".attention.projection_layer",
+            ".attn.proj",
+            ".mlp.fc1",
+            ".mlp.fc2",
+            // mlp1 (transformers' multi_modal_projector; OpenGVLab's mlp1.1 / mlp1.3).
+            "multi_modal_projector.linear_1",
+            "multi_modal_projector.linear_2",
+            "mlp1.1",
+            "mlp1.3",
+        ],
+    ),
+    (
+        "transformer.",
+        &[
+            // DiT blocks and text-fusion (layer-wise and refiner) blocks.
+            ".attn.to_q",
+            ".attn.to_k",
+            ".attn.to_v",
+            ".attn.to_gate",
+            ".attn.to_out.0",
+            ".ff.gate",
+            ".ff.up",
+            ".ff.down",
+        ],
+    ),
+];
+
+/// Whether the manifest tensor `name` of `shape` is a Linear weight a packer quantizes (see
+/// [`QUANTIZABLE_LINEARS`]): the right component and layer, `….weight`, 2-D.
+pub fn is_quantizable_linear(name: &str, shape: &[u64]) -> bool {
+    let Some(layer) = name.strip_suffix(".weight") else {
+        return false;
+    };
+    shape.len() == 2
+        && QUANTIZABLE_LINEARS.iter().any(|(component, layers)| {
+            name.starts_with(component) && layers.iter().any(|l| layer.ends_with(l))
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -654,5 +714,42 @@ mod tests {
         assert_eq!(logical_parameters("a.weight.q4", 10), 20);
         assert_eq!(logical_parameters("a.weight.q8", 10), 10);
         assert_eq!(logical_parameters("a.weight.scales", 10), 0);
+    }
+
+    #[test]
+    fn which_linears_are_quantized() {
+        let yes = [
+            "vlm.model.language_model.layers.3.self_attn.q_proj.weight",
+            "vlm.model.language_model.layers.0.mlp.down_proj.weight",
+            "vlm.model.vision_tower.encoder.layer.1.attention.projection_layer.weight",
+            "vlm.model.vision_tower.encoder.layer.1.mlp.fc2.weight",
+            "vlm.model.multi_modal_projector.linear_1.weight",
+            "transformer.transformer_blocks.0.attn.to_out.0.weight",
+            "transformer.text_fusion.refiner_blocks.1.ff.up.weight",
+        ];
+        for name in yes {
+            assert!(is_quantizable_linear(name, &[64, 32]), "{name}");
+            assert!(!is_quantizable_linear(name, &[64]), "{name} 1-D");
+        }
+        let no = [
+            "vlm.model.language_model.layers.3.self_attn.q_proj.bias",
+            "vlm.model.language_model.embed_tokens.weight",
+            "vlm.lm_head.weight",
+            "vlm.model.language_model.layers.0.input_layernorm.weight",
+            "vlm.model.vision_tower.embeddings.patch_embeddings.projection.weight",
+            "vlm.model.multi_modal_projector.layer_norm.weight",
+            "transformer.img_in.weight",
+            "transformer.time_mod_proj.weight",
+            "transformer.txt_in.linear_1.weight",
+            "transformer.final_layer.linear.weight",
+            "transformer.text_fusion.projector.weight",
+            "transformer.transformer_blocks.0.scale_shift_table",
+            "transformer.transformer_blocks.0.attn.norm_q.weight",
+            "vae.decoder.mid_block.attentions.0.to_q.weight",
+            "transformer_blocks.0.attn.to_q.weight",
+        ];
+        for name in no {
+            assert!(!is_quantizable_linear(name, &[64, 32]), "{name}");
+        }
     }
 }
