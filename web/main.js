@@ -119,7 +119,7 @@ async function loadModel() {
     const seconds = ((performance.now() - started) / 1000).toFixed(1);
     $('model-name').textContent = `${m.id} ${m.version} — ${m.shards} shards, ${mb(m.bytes)}`;
     $('load-text').textContent =
-      `Loaded in ${seconds} s: ${mb(m.downloadedBytes)} downloaded, ${m.fromCache} files from the cache` +
+      `Loaded in ${seconds} s: ${m.downloadedBytes ? `${mb(m.downloadedBytes)} downloaded` : 'nothing downloaded'}, ${m.fromCache} files from the cache` +
       (m.cached ? '; cached for offline use.' : '; not cached.');
     for (const id of ['width', 'height']) $(id).step = String(m.sizeMultiple);
     setStatus('ok', `Ready. ${m.id} runs on this device's GPU.`);

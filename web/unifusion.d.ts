@@ -113,6 +113,8 @@ export interface LoadOptions {
   concurrency?: number;
   /** Use the IndexedDB cache (default true). */
   cache?: boolean;
+  /** Overrides of the adapter's limits (a test hook: check the refusal of a model too large). */
+  limits?: Record<string, number>;
 }
 
 export interface Generation {

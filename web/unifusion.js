@@ -106,9 +106,10 @@ export class UniFusion {
    * Loads a model: fetches `manifest.json`, refuses a model the GPU cannot hold, streams and
    * verifies shards (IndexedDB cache first) and places them on the GPU one at a time.
    */
-  async load(manifestUrl, { onProgress, signal, concurrency, cache } = {}) {
+  async load(manifestUrl, { onProgress, signal, concurrency, cache, limits } = {}) {
     const url = new URL(manifestUrl, globalThis.location?.href).href;
-    const options = { concurrency, cache };
+    // `limits` overrides adapter limits (tests use it to check the refusal of a model too large).
+    const options = { concurrency, cache, limits };
     this.model = null;
     const summary = await this.#withRecovery(() =>
       this.#call('load', { manifestUrl: url, options }, { signal, onEvent: onProgress }),

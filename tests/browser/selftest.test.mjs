@@ -1,5 +1,5 @@
-// Headless Chromium loads the served page, which runs burn on the browser's WebGPU (the
-// fused WGSL RMSNorm kernel and a matmul); the numbers are checked here against plain
+// Headless Chromium loads the served page, whose model worker runs burn on the browser's
+// WebGPU (the fused WGSL RMSNorm kernel and a matmul); the numbers are checked here against plain
 // JavaScript arithmetic. Needs `web/pkg` (scripts/build-wasm.sh) and /usr/bin/chromium.
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
@@ -8,7 +8,8 @@ import { checkSelfTest, rmsNorm } from '../../web/reference.js';
 import { openPage } from './harness.mjs';
 
 test('the page runs burn on WebGPU and its numbers match a CPU reference', { timeout: 300_000 }, async (t) => {
-  const session = await openPage(t);
+  // autoload=0: the device report and self-test only (the app tests load the model).
+  const session = await openPage(t, '/?autoload=0');
   const { page } = session;
   await page.waitForFunction(
     () => ['ok', 'error'].includes(document.body.dataset.state),
@@ -35,5 +36,6 @@ test('the page runs burn on WebGPU and its numbers match a CPU reference', { tim
 
   // And the page says so.
   assert.match(await page.textContent('#status'), /self-test passed/);
+  assert.match(await page.textContent('#selftest-summary'), /self-test passed/);
   assert.equal(session.pageErrors.length, 0, session.pageErrors.join('\n'));
 });
