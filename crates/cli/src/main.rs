@@ -16,6 +16,7 @@ mod inspect;
 mod pack;
 mod reference_run;
 mod tiny_model;
+mod train;
 
 #[derive(Parser)]
 #[command(name = "unifusion", version, about = "UniFusion-Web native tools")]
@@ -45,6 +46,8 @@ enum Command {
     Variation(edit::VariationArgs),
     /// Write a seeded tiny random model directory (noise images; for trying the tools).
     MakeTinyModel(tiny_model::Args),
+    /// Train the demo-world model (tokenizer, VAE, ...), resumable (docs/TRAINING.md).
+    Train(train::Args),
 }
 
 /// Errors a command reports before exiting.
@@ -85,6 +88,7 @@ fn main() -> ExitCode {
         Command::Edit(a) => edit::run_edit(a),
         Command::Variation(a) => edit::run_variation(a),
         Command::MakeTinyModel(a) => tiny_model::run(a),
+        Command::Train(a) => train::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

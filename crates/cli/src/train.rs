@@ -1,0 +1,141 @@
+//! `unifusion train`: the demo-world training recipe (crates/train, docs/TRAINING.md) in one
+//! command. Every stage writes under `--out`; rerunning the same command resumes where it
+//! stopped (finished stages are skipped, an interrupted one continues from its checkpoint).
+
+use std::path::PathBuf;
+
+use clap::ValueEnum;
+use indicatif::{ProgressBar, ProgressStyle};
+use unifusion_train::recipe::{self, RecipeConfig, StageName};
+use unifusion_train::trainer::Progress;
+
+use crate::CliError;
+
+/// Which backend trains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TrainBackend {
+    /// burn's pure-Rust CPU backend (the fastest here: see docs/TRAINING.md).
+    Flex,
+    /// burn's wgpu backend (lavapipe on a machine without a GPU).
+    Wgpu,
+}
+
+/// A stage on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum StageArg {
+    Tokenizer,
+    Vae,
+    Vlm,
+    Dit,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Output directory (created; reused to resume).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Seed of everything: data, initialisation, noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stages to run, in recipe order (default: all).
+    #[arg(long, value_delimiter = ',', num_args = 1..)]
+    pub stages: Vec<StageArg>,
+    /// Backend.
+    #[arg(long, value_enum, default_value_t = TrainBackend::Flex)]
+    pub backend: TrainBackend,
+    /// Seconds-long settings (smoke test of the whole recipe).
+    #[arg(long)]
+    pub tiny: bool,
+    /// Override every training stage's step count (quick experiments and timing).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+fn stage_name(s: StageArg) -> StageName {
+    match s {
+        StageArg::Tokenizer => StageName::Tokenizer,
+        StageArg::Vae => StageName::Vae,
+        StageArg::Vlm => StageName::Vlm,
+        StageArg::Dit => StageName::Dit,
+    }
+}
+
+/// `unifusion train`.
+pub fn run(args: Args) -> Result<(), CliError> {
+    let backend = match args.backend {
+        TrainBackend::Flex => unifusion_train::Backend::Flex,
+        TrainBackend::Wgpu => unifusion_train::Backend::Wgpu,
+    };
+    let mut config = if args.tiny {
+        RecipeConfig::tiny(args.seed, backend)
+    } else {
+        RecipeConfig::recipe(args.seed, backend)
+    };
+    if let Some(steps) = args.steps {
+        if steps == 0 {
+            return Err(CliError::Usage("--steps must be at least 1".into()));
+        }
+        for optim in [
+            &mut config.vae.optim,
+            &mut config.vlm.optim,
+            &mut config.dit.optim,
+        ] {
+            optim.steps = steps;
+            optim.warmup = optim.warmup.min(steps / 10);
+        }
+    }
+    let stages: Vec<StageName> = if args.stages.is_empty() {
+        StageName::ALL.to_vec()
+    } else {
+        args.stages.iter().copied().map(stage_name).collect()
+    };
+    let mut bar: Option<(StageName, ProgressBar)> = None;
+    let quiet = args.quiet;
+    let mut progress = |stage: StageName, p: Progress| {
+        if quiet {
+            return;
+        }
+        if bar.as_ref().map(|(s, _)| *s) != Some(stage) {
+            if let Some((_, b)) = bar.take() {
+                b.finish();
+            }
+            let b = ProgressBar::new(p.total as u64);
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{prefix:>9} [{bar:30}] {pos}/{len} {msg} ({elapsed}, ~{eta} left)",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            b.set_prefix(stage.as_str());
+            b.set_position(p.step.saturating_sub(1) as u64);
+            b.reset_eta();
+            bar = Some((stage, b));
+        }
+        if let Some((_, b)) = &bar {
+            b.set_position(p.step as u64);
+            b.set_message(format!("loss {:.4} (avg {:.4})", p.loss, p.smooth));
+        }
+    };
+    let reports = recipe::run(&args.out, &config, &stages, &mut progress)
+        .map_err(|e| CliError::Device(e.to_string()))?;
+    if let Some((_, b)) = bar.take() {
+        b.finish();
+    }
+    for r in &reports {
+        println!(
+            "{:>9}: {:.1} s, {} steps, loss {:.4} -> {:.4}, {}",
+            r.stage.as_str(),
+            r.seconds,
+            r.steps,
+            r.first_loss,
+            r.last_loss,
+            r.details
+        );
+    }
+    println!("wrote {}", args.out.display());
+    Ok(())
+}

@@ -1,0 +1,256 @@
+//! Training samples from the demo world, each a pure function of `(seed, index)` so any step's
+//! batch can be drawn again after a resume.
+//!
+//! Scenes come from the world's sampler with a fixed held-out split ([`held_out`]): those
+//! (colour, shape) and (shape, cell) pairs never appear in training, so an evaluation on
+//! scenes that use them measures generalisation to unseen combinations.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use unifusion_world::sampler::{all_color_shape_pairs, all_shape_cell_pairs, split_pairs};
+use unifusion_world::{
+    Edit, HeldOut, RenderConfig, Sampler, SamplerConfig, Scene, Transfer, canonical_description,
+    phrase,
+};
+
+use crate::TrainError;
+
+/// Seed of the held-out split (fixed, so every run and the evaluation agree).
+pub const HELD_OUT_SEED: u64 = 8;
+/// Held-out (colour, shape) pairs (of 40).
+pub const HELD_OUT_COLOR_SHAPE: usize = 4;
+/// Held-out (shape, cell) pairs (of 45).
+pub const HELD_OUT_SHAPE_CELL: usize = 4;
+
+/// The pairs training never sees.
+pub fn held_out() -> HeldOut {
+    HeldOut {
+        color_shape: split_pairs(
+            &all_color_shape_pairs(),
+            HELD_OUT_COLOR_SHAPE,
+            HELD_OUT_SEED,
+        )
+        .1,
+        shape_cell: split_pairs(&all_shape_cell_pairs(), HELD_OUT_SHAPE_CELL, HELD_OUT_SEED).1,
+    }
+}
+
+/// SplitMix64 of `(a, b)`: independent seeds per stage, step and sample.
+pub fn mix(a: u64, b: u64) -> u64 {
+    let mut z = a ^ b.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The training scene number `index` of stream `seed`.
+pub fn scene(seed: u64, index: u64) -> Scene {
+    let config = SamplerConfig {
+        held_out: held_out(),
+        ..SamplerConfig::default()
+    };
+    Sampler::new(config, mix(seed, index)).sample()
+}
+
+/// An image as `[3][size][size]` floats in [−1, 1] (the VAE's range).
+pub fn image_values(scene: &Scene, size: u32) -> Result<Vec<f32>, TrainError> {
+    let img = unifusion_world::render(scene, &RenderConfig::with_size(size))?;
+    Ok(rgb_to_planar(img.as_raw(), size as usize))
+}
+
+/// RGB8 row-major → `[3][h][w]` in [−1, 1].
+pub fn rgb_to_planar(rgb: &[u8], size: usize) -> Vec<f32> {
+    let mut out = vec![0.0; 3 * size * size];
+    for (p, px) in rgb.chunks_exact(3).enumerate() {
+        for c in 0..3 {
+            out[c * size * size + p] = px[c] as f32 / 127.5 - 1.0;
+        }
+    }
+    out
+}
+
+/// `[3][h][w]` in [−1, 1] → RGB8 row-major.
+pub fn planar_to_rgb(values: &[f32], size: usize) -> Vec<u8> {
+    let mut out = vec![0u8; 3 * size * size];
+    for p in 0..size * size {
+        for c in 0..3 {
+            let v = (values[c * size * size + p] + 1.0) * 127.5;
+            out[p * 3 + c] = v.round().clamp(0.0, 255.0) as u8;
+        }
+    }
+    out
+}
+
+/// What a VLM sample asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TextTask {
+    /// One image, no request: describe it (VERIFI's image variation).
+    Caption,
+    /// A user phrasing → the canonical description (VERIFI text-to-image).
+    Rewrite,
+    /// One image and an edit instruction → the edited scene's description.
+    Edit,
+    /// Two images and a transfer instruction → the result's description.
+    Transfer,
+}
+
+/// One VLM / DiT sample: the request and the target scene.
+#[derive(Clone, Debug)]
+pub struct Sample {
+    pub task: TextTask,
+    /// Scenes whose images the VLM sees, in order (0, 1 or 2).
+    pub inputs: Vec<Scene>,
+    /// The user's text (empty for a caption).
+    pub prompt: String,
+    /// The scene the answer describes (and the DiT draws).
+    pub target: Scene,
+}
+
+impl Sample {
+    /// The canonical description of the target (the VERIFI rewrite target).
+    pub fn answer(&self) -> String {
+        canonical_description(&self.target)
+    }
+}
+
+/// Mix of tasks, as weights.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TaskMix {
+    pub caption: f32,
+    pub rewrite: f32,
+    pub edit: f32,
+    pub transfer: f32,
+}
+
+impl TaskMix {
+    fn pick(&self, r: f32) -> TextTask {
+        let total = self.caption + self.rewrite + self.edit + self.transfer;
+        let mut x = r * total;
+        for (w, t) in [
+            (self.caption, TextTask::Caption),
+            (self.rewrite, TextTask::Rewrite),
+            (self.edit, TextTask::Edit),
+        ] {
+            if x < w {
+                return t;
+            }
+            x -= w;
+        }
+        TextTask::Transfer
+    }
+}
+
+/// Sample `index` of stream `seed`.
+pub fn sample(seed: u64, index: u64, mix_of: &TaskMix) -> Sample {
+    let s = mix(seed, index);
+    let mut rng = ChaCha8Rng::seed_from_u64(s);
+    let task = mix_of.pick(rng.random::<f32>());
+    let base = scene(s, 0);
+    match task {
+        TextTask::Caption => Sample {
+            task,
+            inputs: vec![base.clone()],
+            prompt: String::new(),
+            target: base,
+        },
+        TextTask::Rewrite => Sample {
+            task,
+            inputs: Vec::new(),
+            prompt: phrase(&base, mix(s, 1)).text,
+            target: base,
+        },
+        TextTask::Edit => {
+            // An edit may create a held-out pair (add, recolour, move): draw another.
+            let held = held_out();
+            let edit = (0..64)
+                .map(|k| Edit::sample(&base, mix(s, 100 + k)))
+                .find(|e| !held.touches(&e.after))
+                .unwrap_or_else(|| Edit::sample(&base, mix(s, 2)));
+            Sample {
+                task,
+                inputs: vec![base],
+                prompt: edit.instruction(mix(s, 3)).to_string(),
+                target: edit.after,
+            }
+        }
+        TextTask::Transfer => {
+            // Draw second scenes until one takes an object of the first (almost always the
+            // first or second try); fall back to a caption of the first otherwise.
+            for k in 0..16 {
+                let second = scene(s, 10 + k);
+                if let Some(t) = Transfer::sample(&base, &second, mix(s, 4)) {
+                    let i = rng.random_range(0..t.instructions.len());
+                    return Sample {
+                        task,
+                        inputs: vec![t.first.clone(), t.second.clone()],
+                        prompt: t.instructions[i].clone(),
+                        target: t.after,
+                    };
+                }
+            }
+            Sample {
+                task: TextTask::Caption,
+                inputs: vec![base.clone()],
+                prompt: String::new(),
+                target: base,
+            }
+        }
+    }
+}
+
+/// Every kind of text the model reads or writes, for the tokenizer: `n` samples of each task
+/// (prompts and answers), the VERIFI system prompt and the chat template's words.
+pub fn text_corpus(seed: u64, n: u64) -> Vec<String> {
+    let mut out = vec![
+        unifusion_model::pipeline::config::VERIFI_SYSTEM_PROMPT.to_string(),
+        "system\nuser\nassistant\n".to_string(),
+    ];
+    let all = TaskMix {
+        caption: 1.0,
+        rewrite: 1.0,
+        edit: 1.0,
+        transfer: 1.0,
+    };
+    for i in 0..n {
+        let s = sample(seed, i, &all);
+        if !s.prompt.is_empty() {
+            out.push(s.prompt.clone());
+        }
+        out.push(s.answer());
+        // The edit instructions' other wordings.
+        if s.task == TextTask::Edit {
+            let e = Edit::sample(&s.inputs[0], mix(i, 7));
+            out.extend(e.instructions);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_are_deterministic_and_avoid_held_out_pairs() {
+        let all = TaskMix {
+            caption: 1.0,
+            rewrite: 1.0,
+            edit: 1.0,
+            transfer: 1.0,
+        };
+        let held = held_out();
+        let mut tasks = std::collections::BTreeSet::new();
+        for i in 0..200 {
+            let a = sample(5, i, &all);
+            let b = sample(5, i, &all);
+            assert_eq!((a.prompt.clone(), a.target.clone()), (b.prompt, b.target));
+            assert!(a.inputs.iter().all(|s| !held.touches(s)));
+            assert!(!held.touches(&a.target), "{}", a.target.to_json());
+            tasks.insert(format!("{:?}", a.task));
+        }
+        assert_eq!(tasks.len(), 4, "every task is drawn: {tasks:?}");
+        let img = image_values(&scene(1, 2), 32).expect("renders");
+        let back = planar_to_rgb(&img, 32);
+        assert_eq!(rgb_to_planar(&back, 32), img);
+    }
+}

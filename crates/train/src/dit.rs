@@ -1,0 +1,473 @@
+//! Stage 4: with the VLM and the VAE frozen, LAP + refiner + DiT (the model crate's
+//! `Krea2Transformer`) by flow matching on VERIFI conditions.
+//!
+//! Condition of a sample: the frozen VLM runs once over `[VERIFI chat ; canonical answer ;
+//! <|im_end|>]` and the rows `[image tokens ; answer tokens]` of every tapped layer are kept,
+//! `[L, n_taps, h]`. This equals what the pipeline feeds LAP when the VLM's greedy rewrite is
+//! the canonical answer (the generation's taps equal one full forward; `vlm::generate`).
+//! With probability `cond_dropout` a sample is conditioned on the null condition instead:
+//! the pipeline's own, the VLM's VERIFI output for the empty request, computed once here.
+//!
+//! Flow matching: `t = σ(n)`, `n ~ N(0, 1)` (logit-normal), `x_t = (1 − t)·z + t·ε`, target
+//! `ε − z`, MSE over patchified latents. Tasks: text-to-image (a user phrasing),
+//! reconstruction (one image, no text: the caption task), edits and two-image transfers.
+
+use std::path::Path;
+
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use unifusion_model::generator::config::{AutoencoderTinyConfig, Krea2Config};
+use unifusion_model::generator::sampler::SeededNormal;
+use unifusion_model::generator::tiny_vae::{AutoencoderTiny, TinyEncoder};
+use unifusion_model::generator::{Krea2Transformer, RopeTable, patchify, position_ids};
+use unifusion_model::pipeline::config::VERIFI_SYSTEM_PROMPT;
+use unifusion_model::pipeline::verifi::chat_tokens;
+use unifusion_model::vlm::processor::VlmTokenizer;
+use unifusion_model::vlm::{GenerateOptions, InternVl, InternVlConfig, VlmInput};
+
+use crate::data::{Sample, TaskMix, mix, sample};
+use crate::named::{Init, NamedParams, NamedTensors, Recorder, read_safetensors};
+use crate::tokenizer::IM_END;
+use crate::trainer::{OptimConfig, Stage, Trainable};
+use crate::vae::image_batch_of;
+use crate::vlm::{VlmBatch, make_batch};
+use crate::{Backend, TrainError};
+
+/// The DiT stage's settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DitStageConfig {
+    /// LAP + refiner + DiT.
+    pub transformer: Krea2Config,
+    /// Samples per step.
+    pub batch: usize,
+    /// Optimizer and schedule.
+    pub optim: OptimConfig,
+    /// Task weights (caption = reconstruction, rewrite = text-to-image).
+    pub mix: TaskMix,
+    /// Probability that a sample trains the null condition (for CFG).
+    pub cond_dropout: f32,
+    /// Most tokens of the null condition's rewrite (the pipeline's `max_rewrite_tokens`).
+    pub max_rewrite_tokens: usize,
+}
+
+fn dit_config(
+    vlm: &InternVlConfig,
+    taps: usize,
+    latent_channels: usize,
+    d: (usize, usize, usize),
+) -> Krea2Config {
+    let (heads, layers, ffn) = d;
+    let head_dim = 16;
+    Krea2Config {
+        in_channels: latent_channels * 4,
+        num_layers: layers,
+        attention_head_dim: head_dim,
+        num_attention_heads: heads,
+        num_key_value_heads: heads / 2,
+        intermediate_size: ffn,
+        timestep_embed_dim: 64,
+        text_hidden_dim: vlm.text_config.hidden_size,
+        num_text_layers: taps,
+        text_num_attention_heads: vlm.text_config.num_attention_heads,
+        text_num_key_value_heads: vlm.text_config.num_attention_heads / 2,
+        text_intermediate_size: 2 * vlm.text_config.hidden_size,
+        num_layerwise_text_blocks: 2,
+        num_refiner_text_blocks: 2,
+        axes_dims_rope: [4, 6, 6],
+        rope_theta: 1000.0,
+        norm_eps: 1e-5,
+    }
+}
+
+impl DitStageConfig {
+    /// The recipe's DiT: width 96 (6 heads of 16), 6 blocks, on the recipe VLM's taps.
+    pub fn recipe(vlm: &InternVlConfig, taps: usize, latent_channels: usize) -> Self {
+        Self {
+            transformer: dit_config(vlm, taps, latent_channels, (6, 6, 256)),
+            batch: 8,
+            optim: OptimConfig {
+                steps: 3000,
+                lr: 1e-3,
+                warmup: 100,
+                final_lr_fraction: 0.05,
+                weight_decay: 0.0,
+                clip_norm: 1.0,
+            },
+            mix: TaskMix {
+                caption: 1.0,
+                rewrite: 2.0,
+                edit: 1.0,
+                transfer: 0.25,
+            },
+            cond_dropout: 0.1,
+            max_rewrite_tokens: 200,
+        }
+    }
+
+    /// A few-second config for tests.
+    pub fn tiny(vlm: &InternVlConfig, taps: usize, latent_channels: usize) -> Self {
+        Self {
+            transformer: dit_config(vlm, taps, latent_channels, (2, 1, 32)),
+            batch: 2,
+            optim: OptimConfig {
+                steps: 30,
+                lr: 3e-3,
+                warmup: 3,
+                final_lr_fraction: 0.5,
+                weight_decay: 0.0,
+                clip_norm: 1.0,
+            },
+            mix: TaskMix {
+                caption: 1.0,
+                rewrite: 1.0,
+                edit: 1.0,
+                transfer: 0.0,
+            },
+            cond_dropout: 0.2,
+            max_rewrite_tokens: 8,
+        }
+    }
+}
+
+/// How a transformer parameter starts, by its diffusers name: zero biases, zero `(1 + w)`
+/// norms and modulation tables, a zero output layer (the velocity starts at 0), mean pooling
+/// over the taps, fan-in normal elsewhere.
+fn dit_init(name: &str, shape: &[usize]) -> Init {
+    let leaf = name.rsplit('.').next().unwrap_or(name);
+    if leaf == "bias" || name.contains("norm") || name.contains("scale_shift_table") {
+        Init::Zeros
+    } else if name.starts_with("final_layer.linear") {
+        Init::Zeros
+    } else if name == "text_fusion.projector.weight" {
+        Init::Const(1.0 / shape.iter().product::<usize>().max(1) as f32)
+    } else if name.starts_with("time_mod_proj") {
+        Init::Normal(0.02)
+    } else {
+        Init::fan_in(shape)
+    }
+}
+
+/// Builds the transformer on `device` with its names, initialised for training from `seed`.
+pub fn init_transformer(
+    config: &Krea2Config,
+    seed: u64,
+    device: &Device,
+) -> Result<(Krea2Transformer, NamedParams), TrainError> {
+    let mut rec = Recorder::new(mix(seed, 0xD17));
+    let model = Krea2Transformer::load(config, &mut rec, device)
+        .map_err(|e| TrainError::Model(e.to_string()))?;
+    let names = NamedParams::discover(&model, &rec.tensors)?;
+    let mut rng = SeededNormal::new(mix(seed, 0xD18));
+    let model = names.init(model, |p| {
+        dit_init(&p.name, &p.shape).values(&p.shape, &mut rng)
+    })?;
+    Ok((model, names))
+}
+
+/// The frozen parts the DiT learns from.
+pub struct Frozen {
+    /// The trained VLM (plain device).
+    pub vlm: InternVl,
+    /// Its config.
+    pub vlm_config: InternVlConfig,
+    /// The tokenizer.
+    pub tokenizer: VlmTokenizer,
+    /// The trained VAE encoder (plain device).
+    pub encoder: TinyEncoder,
+    /// Image side.
+    pub image_size: u32,
+    /// Tapped hidden states, LAP order.
+    pub taps: Vec<usize>,
+}
+
+impl Frozen {
+    /// Loads the VAE encoder from `autoencoder.safetensors` bytes.
+    pub fn encoder_from(
+        cfg: &AutoencoderTinyConfig,
+        bytes: &[u8],
+        device: &Device,
+    ) -> Result<TinyEncoder, TrainError> {
+        let (model, names) = crate::vae::init_autoencoder(cfg, 0, device)?;
+        let model: AutoencoderTiny = names.import(model, &read_safetensors(bytes)?, None)?;
+        Ok(model.encoder)
+    }
+
+    /// `[L, n_taps, h]` per sample: `[image tokens ; answer tokens]` of every tap.
+    pub fn conditions(&self, batch: VlmBatch) -> Result<Vec<Tensor<3>>, TrainError> {
+        let device = self.vlm.text.embed_tokens.device();
+        let seq = batch.ids.first().map(Vec::len).unwrap_or(0);
+        let out = self
+            .vlm
+            .forward(
+                VlmInput {
+                    ids: &batch.ids,
+                    pixel_values: batch.pixels,
+                    attention_mask: None,
+                },
+                &self.taps,
+            )
+            .map_err(|e| TrainError::Model(e.to_string()))?;
+        let hidden = out.last.dims()[2];
+        let b = batch.ids.len();
+        // [B·S, n_taps, h]
+        let stacked = Tensor::cat(
+            out.taps
+                .into_iter()
+                .map(|(_, t)| t.reshape([b * seq, 1, hidden]))
+                .collect(),
+            1,
+        );
+        let mut conds = Vec::with_capacity(b);
+        for (row, (&(start, end), images)) in
+            batch.spans.iter().zip(&batch.image_positions).enumerate()
+        {
+            let rows: Vec<i64> = images
+                .iter()
+                .copied()
+                .chain(start..end)
+                .map(|p| (row * seq + p) as i64)
+                .collect();
+            let n = rows.len();
+            let index = Tensor::<1, Int>::from_data(TensorData::new(rows, [n]), &device);
+            conds.push(stacked.clone().select(0, index));
+        }
+        Ok(conds)
+    }
+
+    /// The pipeline's null condition: the VERIFI rewrite of the empty request, no images.
+    pub fn null_condition(&self, max_tokens: usize) -> Result<Tensor<3>, TrainError> {
+        let chat = chat_tokens(
+            &self.tokenizer,
+            VERIFI_SYSTEM_PROMPT,
+            "",
+            &[],
+            self.vlm_config.tokens_per_tile(),
+            self.vlm_config.image_token_id,
+        )
+        .map_err(|e| TrainError::Model(e.to_string()))?;
+        let generation = pollster::block_on(self.vlm.generate(
+            &chat.ids,
+            None,
+            &GenerateOptions {
+                max_new_tokens: max_tokens,
+                stop_tokens: vec![IM_END],
+                taps: self.taps.clone(),
+            },
+        ))
+        .map_err(|e| TrainError::Model(e.to_string()))?;
+        let (taps, rows) = if generation.ids.is_empty() {
+            (generation.prompt_taps, vec![chat.ids.len() - 1])
+        } else {
+            let n = generation.ids.len();
+            (generation.generated_taps, (0..n).collect())
+        };
+        let device = self.vlm.text.embed_tokens.device();
+        let n = rows.len();
+        let index = Tensor::<1, Int>::from_data(
+            TensorData::new(rows.into_iter().map(|r| r as i64).collect::<Vec<_>>(), [n]),
+            &device,
+        );
+        let parts: Vec<Tensor<3>> = taps
+            .into_iter()
+            .map(|(_, t)| {
+                t.squeeze::<2>()
+                    .select(0, index.clone())
+                    .unsqueeze_dim::<3>(1)
+            })
+            .collect();
+        Ok(Tensor::cat(parts, 1))
+    }
+}
+
+/// The DiT stage.
+pub struct DitStage {
+    /// Settings.
+    pub config: DitStageConfig,
+    seed: u64,
+    device: Device,
+    frozen: Frozen,
+    null: Tensor<3>,
+    dit: Trainable<Krea2Transformer>,
+}
+
+impl DitStage {
+    /// A fresh stage over the frozen VLM and VAE encoder.
+    pub fn new(
+        config: DitStageConfig,
+        frozen: Frozen,
+        seed: u64,
+        backend: Backend,
+    ) -> Result<Self, TrainError> {
+        let device = backend.autodiff();
+        let (model, names) = init_transformer(&config.transformer, seed, &device)?;
+        let null = frozen.null_condition(config.max_rewrite_tokens)?;
+        let dit = Trainable::new(model, names, config.optim.clone());
+        Ok(Self {
+            config,
+            seed,
+            device,
+            frozen,
+            null,
+            dit,
+        })
+    }
+
+    /// The transformer's tensors under diffusers names (`transformer.safetensors`).
+    pub fn tensors(&self) -> NamedTensors {
+        self.dit.names.export(self.dit.model())
+    }
+
+    /// The null condition's length (rows).
+    pub fn null_len(&self) -> usize {
+        self.null.dims()[0]
+    }
+
+    /// Flow-matching loss of step `k`'s batch.
+    fn loss(&self, k: usize) -> Result<Tensor<1>, TrainError> {
+        let b = self.config.batch;
+        let plain = self.device.clone().inner();
+        let samples: Vec<Sample> = (0..b)
+            .map(|i| sample(mix(self.seed, 0xD1), (k * b + i) as u64, &self.config.mix))
+            .collect();
+        let vlm_batch = make_batch(
+            &samples,
+            &self.frozen.tokenizer,
+            &self.frozen.vlm_config,
+            self.frozen.image_size,
+            &plain,
+        )?;
+        let mut rng = SeededNormal::new(mix(self.seed, 0xD2 + ((k as u64) << 8)));
+        let mut conds = self.frozen.conditions(vlm_batch)?;
+        let mut coin = ChaCha8Rng::seed_from_u64(mix(self.seed, 0xD3 + ((k as u64) << 8)));
+        for c in &mut conds {
+            if coin.random::<f32>() < self.config.cond_dropout {
+                *c = self.null.clone();
+            }
+        }
+        // Pad to one length: [B, L, n, h] and the key mask.
+        let len = conds.iter().map(|c| c.dims()[0]).max().unwrap_or(1);
+        let [_, n_taps, h] = conds[0].dims();
+        let mut valid = Vec::with_capacity(b * len);
+        let padded: Vec<Tensor<4>> = conds
+            .into_iter()
+            .map(|c| {
+                let l = c.dims()[0];
+                valid.extend((0..len).map(|i| i < l));
+                let c = if l < len {
+                    Tensor::cat(vec![c, Tensor::zeros([len - l, n_taps, h], &plain)], 0)
+                } else {
+                    c
+                };
+                c.unsqueeze::<4>()
+            })
+            .collect();
+        let cond = Tensor::cat(padded, 0);
+        let cond = Tensor::<4>::from_data(cond.into_data(), &self.device);
+        let mask = Tensor::<2, Bool>::from_data(TensorData::new(valid, [b, len]), &self.device);
+
+        // Targets: the frozen encoder's latents of the target scenes.
+        let targets: Vec<_> = samples.iter().map(|s| s.target.clone()).collect();
+        let images = image_batch_of(&targets, self.frozen.image_size, &plain)?;
+        let z = self
+            .frozen
+            .encoder
+            .encode(images)
+            .map_err(|e| TrainError::Model(e.to_string()))?;
+        let [_, _, lh, lw] = z.dims();
+        let x0 = patchify(z).map_err(|e| TrainError::Model(e.to_string()))?;
+        let x0 = Tensor::<3>::from_data(x0.into_data(), &self.device);
+        let dims = x0.dims();
+        let count: usize = dims.iter().product();
+        let eps: Vec<f32> = (0..count).map(|_| rng.next_f32()).collect();
+        let eps = Tensor::<3>::from_data(TensorData::new(eps, dims), &self.device);
+        let t: Vec<f32> = (0..b)
+            .map(|_| 1.0 / (1.0 + (-rng.next_f32()).exp()))
+            .collect();
+        let tt = Tensor::<1>::from_data(TensorData::new(t.clone(), [b]), &self.device);
+        let t3 = tt.clone().reshape([b, 1, 1]);
+        let xt = x0.clone() * (t3.clone().neg() + 1.0) + eps.clone() * t3;
+        let target = eps - x0;
+        let model = self.dit.model();
+        let rope = RopeTable::new(
+            &position_ids(len, lh / 2, lw / 2),
+            model.rope_axes,
+            model.rope_theta,
+            &self.device,
+        );
+        let v = model
+            .forward(xt, cond, tt, &rope, Some(mask))
+            .map_err(|e| TrainError::Model(e.to_string()))?;
+        Ok((v - target).square().mean())
+    }
+}
+
+impl Stage for DitStage {
+    fn name(&self) -> &'static str {
+        "dit"
+    }
+
+    fn steps(&self) -> usize {
+        self.config.optim.steps
+    }
+
+    fn step(&mut self, k: usize) -> Result<(f32, f64), TrainError> {
+        let loss = self.loss(k)?;
+        self.dit.apply(loss, k)
+    }
+
+    fn save(&self, dir: &Path) -> Result<Vec<u64>, TrainError> {
+        self.dit.save(dir)
+    }
+
+    fn load(&mut self, dir: &Path, ids: Vec<u64>) -> Result<(), TrainError> {
+        self.dit.load(dir, ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trainer::run_stage;
+    use crate::vae::{VaeStageConfig, init_autoencoder};
+    use crate::vlm::{VlmStageConfig, init_vlm};
+    use unifusion_model::pipeline::every_third_layer;
+
+    #[test]
+    fn short_run_reduces_the_flow_matching_loss_and_the_checkpoint_loads() {
+        let json =
+            crate::tokenizer::train_bpe(&crate::data::text_corpus(2, 100), 320).expect("tokenizer");
+        let tokenizer = VlmTokenizer::from_bytes(json.as_bytes()).expect("loads");
+        let vlm_stage = VlmStageConfig::tiny(320);
+        let vae_stage = VaeStageConfig::tiny();
+        let device = Device::flex();
+        // Untrained frozen parts are enough to check that the DiT learns.
+        let (vlm, _) = init_vlm(&vlm_stage.vlm, 1, &device).expect("vlm");
+        let (ae, _) = init_autoencoder(&vae_stage.vae, 1, &device).expect("vae");
+        let taps = every_third_layer(vlm_stage.vlm.text_config.num_hidden_layers);
+        let config =
+            DitStageConfig::tiny(&vlm_stage.vlm, taps.len(), vae_stage.vae.latent_channels);
+        let frozen = Frozen {
+            vlm,
+            vlm_config: vlm_stage.vlm.clone(),
+            tokenizer,
+            encoder: ae.encoder,
+            image_size: vae_stage.image_size,
+            taps,
+        };
+        let dir = std::env::temp_dir().join(format!("unifusion-dit-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut stage = DitStage::new(config.clone(), frozen, 5, Backend::Flex).expect("builds");
+        let run = run_stage(&mut stage, &dir, 1000, &mut |_| {}).expect("trains");
+        let (first, last) = run.curve.first_last_mean(8);
+        assert!(last < 0.8 * first, "loss {first} -> {last}");
+
+        let bytes = crate::named::safetensors_bytes(&stage.tensors()).expect("bytes");
+        let mut map =
+            unifusion_model::generator::WeightMap::from_safetensors(&bytes).expect("parses");
+        Krea2Transformer::load(&config.transformer, &mut map, &device).expect("loads");
+        map.finish().expect("every tensor used");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,407 @@
+//! The whole recipe in one call: tokenizer → VAE → VLM → DiT, each stage in its own
+//! directory under `out`, each skipped when its `report.json` exists and resumed from its
+//! checkpoint when it was interrupted. Deterministic by seed (and backend).
+//!
+//! ```text
+//! out/recipe.json                 the settings (a rerun must match them)
+//! out/tokenizer/tokenizer.json    stage 1
+//! out/vae/                        checkpoint/, loss.csv, loss.png, report.json, autoencoder.safetensors
+//! out/vlm/                        checkpoint/, loss.csv, loss.png, report.json, vlm.safetensors
+//! out/dit/                        checkpoint/, loss.csv, loss.png, report.json, transformer.safetensors
+//! out/model/                      config.json, tokenizer.json, vlm/transformer/vae.safetensors:
+//!                                 a model directory `unifusion generate --model` reads
+//! ```
+
+use std::path::Path;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use unifusion_model::pipeline::{PipelineConfig, UniFusionConfig, VaeConfig, every_third_layer};
+use unifusion_model::vlm::{InternVl, Weights};
+
+use crate::dit::{DitStage, DitStageConfig, Frozen};
+use crate::trainer::{Progress, run_stage, write_atomic};
+use crate::vae::{VaeStage, VaeStageConfig};
+use crate::vlm::{VlmStage, VlmStageConfig};
+use crate::{Backend, TrainError, named};
+
+/// The stages, in recipe order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StageName {
+    Tokenizer,
+    Vae,
+    Vlm,
+    Dit,
+}
+
+impl StageName {
+    /// Every stage in order.
+    pub const ALL: [StageName; 4] = [
+        StageName::Tokenizer,
+        StageName::Vae,
+        StageName::Vlm,
+        StageName::Dit,
+    ];
+
+    /// Directory and command-line name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StageName::Tokenizer => "tokenizer",
+            StageName::Vae => "vae",
+            StageName::Vlm => "vlm",
+            StageName::Dit => "dit",
+        }
+    }
+}
+
+/// Stage 1's settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokenizerStageConfig {
+    /// Ids in all: 256 bytes + 5 specials + merges.
+    pub vocab_size: usize,
+    /// Samples of each task whose text feeds the trainer.
+    pub corpus_samples: u64,
+}
+
+/// Every stage's settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RecipeConfig {
+    pub seed: u64,
+    pub backend: Backend,
+    /// Steps between checkpoints.
+    pub checkpoint_every: usize,
+    pub tokenizer: TokenizerStageConfig,
+    pub vae: VaeStageConfig,
+    pub vlm: VlmStageConfig,
+    pub dit: DitStageConfig,
+}
+
+impl RecipeConfig {
+    /// The demo model's recipe.
+    pub fn recipe(seed: u64, backend: Backend) -> Self {
+        Self {
+            seed,
+            backend,
+            checkpoint_every: 100,
+            tokenizer: TokenizerStageConfig {
+                vocab_size: 512,
+                corpus_samples: 4000,
+            },
+            vae: VaeStageConfig::recipe(),
+            vlm: VlmStageConfig::recipe(512),
+            dit: DitStageConfig::recipe(
+                &VlmStageConfig::recipe(512).vlm,
+                3,
+                VaeStageConfig::recipe().vae.latent_channels,
+            ),
+        }
+    }
+
+    /// Seconds-long settings for tests and smoke runs.
+    pub fn tiny(seed: u64, backend: Backend) -> Self {
+        Self {
+            seed,
+            backend,
+            checkpoint_every: 10,
+            tokenizer: TokenizerStageConfig {
+                vocab_size: 384,
+                corpus_samples: 200,
+            },
+            vae: VaeStageConfig::tiny(),
+            vlm: VlmStageConfig::tiny(384),
+            dit: DitStageConfig::tiny(
+                &VlmStageConfig::tiny(384).vlm,
+                2,
+                VaeStageConfig::tiny().vae.latent_channels,
+            ),
+        }
+    }
+
+    /// The VLM taps LAP reads (every third hidden state).
+    pub fn taps(&self) -> Vec<usize> {
+        every_third_layer(self.vlm.vlm.text_config.num_hidden_layers)
+    }
+
+    /// The pipeline's config for the trained model.
+    pub fn model_config(&self) -> UniFusionConfig {
+        UniFusionConfig {
+            vlm: self.vlm.vlm.clone(),
+            transformer: self.dit.transformer.clone(),
+            vae: VaeConfig::Tiny(self.vae.vae.clone()),
+            pipeline: PipelineConfig {
+                taps: self.taps(),
+                max_rewrite_tokens: self.dit.max_rewrite_tokens,
+                stop_tokens: vec![crate::tokenizer::IM_END],
+                max_tiles: 1,
+                ..PipelineConfig::default()
+            },
+        }
+    }
+
+    /// Fails unless the stages fit together (vocab, widths, taps, channels).
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let bad = |m: String| Err(TrainError::Model(format!("recipe: {m}")));
+        if self.vlm.vlm.text_config.vocab_size != self.tokenizer.vocab_size {
+            return bad("the VLM's vocab_size must equal the tokenizer's".into());
+        }
+        let t = &self.dit.transformer;
+        if t.text_hidden_dim != self.vlm.vlm.text_config.hidden_size
+            || t.num_text_layers != self.taps().len()
+        {
+            return bad(
+                "the DiT's text_hidden_dim / num_text_layers must match the VLM's width and taps"
+                    .into(),
+            );
+        }
+        if t.in_channels != 4 * self.vae.vae.latent_channels {
+            return bad("the DiT's in_channels must be 4 × the VAE's latent channels".into());
+        }
+        if self.vlm.image_size != self.vae.image_size
+            || self.vlm.vlm.vision_config.image_size != [self.vae.image_size as usize; 2]
+        {
+            return bad("the VLM's tile size must equal the VAE's image size".into());
+        }
+        Ok(())
+    }
+}
+
+/// What a stage reports when it finishes (also `report.json`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StageReport {
+    pub stage: StageName,
+    /// Seconds spent in this process (a resumed stage counts only its own part).
+    pub seconds: f64,
+    /// Optimizer steps (0 for the tokenizer).
+    pub steps: usize,
+    /// Mean loss of the first and last 20 steps.
+    pub first_loss: f32,
+    pub last_loss: f32,
+    /// Stage-specific measurements.
+    pub details: serde_json::Value,
+}
+
+fn write_json(path: &Path, value: &impl Serialize) -> Result<(), TrainError> {
+    let text =
+        serde_json::to_string_pretty(value).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+    write_atomic(path, text.as_bytes())
+}
+
+/// Runs `stages` of `config` under `out`; `progress(stage, p)` after every step.
+pub fn run(
+    out: &Path,
+    config: &RecipeConfig,
+    stages: &[StageName],
+    progress: &mut dyn FnMut(StageName, Progress),
+) -> Result<Vec<StageReport>, TrainError> {
+    config.validate()?;
+    std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
+    let recipe_path = out.join("recipe.json");
+    if recipe_path.exists() {
+        let text =
+            std::fs::read_to_string(&recipe_path).map_err(|e| TrainError::io(&recipe_path, e))?;
+        let saved: RecipeConfig = serde_json::from_str(&text)
+            .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", recipe_path.display())))?;
+        if &saved != config {
+            return Err(TrainError::Checkpoint(format!(
+                "{} holds other settings (seed, backend or sizes) than this run; use another --out",
+                recipe_path.display()
+            )));
+        }
+    } else {
+        write_json(&recipe_path, config)?;
+    }
+    let mut reports = Vec::new();
+    for &stage in StageName::ALL.iter().filter(|s| stages.contains(s)) {
+        let dir = out.join(stage.as_str());
+        let report_path = dir.join("report.json");
+        if report_path.exists() {
+            let text = std::fs::read_to_string(&report_path)
+                .map_err(|e| TrainError::io(&report_path, e))?;
+            let report: StageReport = serde_json::from_str(&text)
+                .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", report_path.display())))?;
+            reports.push(report);
+            continue;
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+        let report = match stage {
+            StageName::Tokenizer => run_tokenizer(&dir, config)?,
+            StageName::Vae => run_vae(&dir, config, &mut |p| progress(stage, p))?,
+            StageName::Vlm => run_vlm(out, &dir, config, &mut |p| progress(stage, p))?,
+            StageName::Dit => run_dit(out, &dir, config, &mut |p| progress(stage, p))?,
+        };
+        write_json(&report_path, &report)?;
+        reports.push(report);
+    }
+    write_model_dir(out, config)?;
+    Ok(reports)
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TrainError> {
+    std::fs::read(path).map_err(|e| {
+        TrainError::Checkpoint(format!(
+            "{}: {e} (run the earlier stages first)",
+            path.display()
+        ))
+    })
+}
+
+/// `out/model/` once every stage's output exists: the directory `unifusion generate` reads.
+fn write_model_dir(out: &Path, config: &RecipeConfig) -> Result<(), TrainError> {
+    let parts = [
+        ("tokenizer.json", out.join("tokenizer/tokenizer.json")),
+        ("vlm.safetensors", out.join("vlm/vlm.safetensors")),
+        (
+            "transformer.safetensors",
+            out.join("dit/transformer.safetensors"),
+        ),
+        ("vae.safetensors", out.join("vae/decoder.safetensors")),
+    ];
+    if parts.iter().any(|(_, p)| !p.exists()) {
+        return Ok(());
+    }
+    let dir = out.join("model");
+    std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+    for (name, from) in &parts {
+        write_atomic(&dir.join(name), &read(from)?)?;
+    }
+    write_json(&dir.join("config.json"), &config.model_config())
+}
+
+fn run_vlm(
+    out: &Path,
+    dir: &Path,
+    config: &RecipeConfig,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<StageReport, TrainError> {
+    let json = String::from_utf8(read(&out.join("tokenizer/tokenizer.json"))?)
+        .map_err(|e| TrainError::Tokenizer(e.to_string()))?;
+    let mut stage = VlmStage::new(config.vlm.clone(), &json, config.seed, config.backend)?;
+    let run = run_stage(&mut stage, dir, config.checkpoint_every, progress)?;
+    write_atomic(
+        &dir.join("vlm.safetensors"),
+        &named::safetensors_bytes(&stage.tensors())?,
+    )?;
+    let eval = stage.evaluate(8)?;
+    let (first, last) = run.curve.first_last_mean(20);
+    Ok(StageReport {
+        stage: StageName::Vlm,
+        seconds: run.seconds,
+        steps: config.vlm.optim.steps,
+        first_loss: first,
+        last_loss: last,
+        details: eval,
+    })
+}
+
+/// The frozen VLM and VAE encoder that stage 4 learns from, read from the earlier stages.
+pub fn frozen(out: &Path, config: &RecipeConfig) -> Result<Frozen, TrainError> {
+    let device = config.backend.device();
+    let tokenizer = unifusion_model::vlm::processor::VlmTokenizer::from_bytes(&read(
+        &out.join("tokenizer/tokenizer.json"),
+    )?)
+    .map_err(|e| TrainError::Tokenizer(e.to_string()))?;
+    let mut weights = Weights::new();
+    weights
+        .add_safetensors(&read(&out.join("vlm/vlm.safetensors"))?)
+        .map_err(|e| TrainError::Model(e.to_string()))?;
+    let vlm = InternVl::load(&config.vlm.vlm, &mut weights, &device)
+        .map_err(|e| TrainError::Model(e.to_string()))?;
+    let encoder = Frozen::encoder_from(
+        &config.vae.vae,
+        &read(&out.join("vae/autoencoder.safetensors"))?,
+        &device,
+    )?;
+    Ok(Frozen {
+        vlm,
+        vlm_config: config.vlm.vlm.clone(),
+        tokenizer,
+        encoder,
+        image_size: config.vae.image_size,
+        taps: config.taps(),
+    })
+}
+
+fn run_dit(
+    out: &Path,
+    dir: &Path,
+    config: &RecipeConfig,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<StageReport, TrainError> {
+    let frozen = frozen(out, config)?;
+    let mut stage = DitStage::new(config.dit.clone(), frozen, config.seed, config.backend)?;
+    let null_len = stage.null_len();
+    let run = run_stage(&mut stage, dir, config.checkpoint_every, progress)?;
+    write_atomic(
+        &dir.join("transformer.safetensors"),
+        &named::safetensors_bytes(&stage.tensors())?,
+    )?;
+    let (first, last) = run.curve.first_last_mean(20);
+    Ok(StageReport {
+        stage: StageName::Dit,
+        seconds: run.seconds,
+        steps: config.dit.optim.steps,
+        first_loss: first,
+        last_loss: last,
+        details: serde_json::json!({"null_condition_rows": null_len}),
+    })
+}
+
+fn run_tokenizer(dir: &Path, config: &RecipeConfig) -> Result<StageReport, TrainError> {
+    let began = Instant::now();
+    let corpus = crate::data::text_corpus(config.seed, config.tokenizer.corpus_samples);
+    let json = crate::tokenizer::train_bpe(&corpus, config.tokenizer.vocab_size)?;
+    write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
+    let tok = unifusion_model::vlm::processor::VlmTokenizer::from_bytes(json.as_bytes())
+        .map_err(|e| TrainError::Tokenizer(e.to_string()))?;
+    let (mut chars, mut ids) = (0usize, 0usize);
+    for text in &corpus {
+        chars += text.len();
+        ids += tok
+            .encode(text)
+            .map_err(|e| TrainError::Tokenizer(e.to_string()))?
+            .len();
+    }
+    Ok(StageReport {
+        stage: StageName::Tokenizer,
+        seconds: began.elapsed().as_secs_f64(),
+        steps: 0,
+        first_loss: 0.0,
+        last_loss: 0.0,
+        details: serde_json::json!({
+            "vocab_size": config.tokenizer.vocab_size,
+            "corpus_texts": corpus.len(),
+            "chars_per_token": chars as f64 / ids.max(1) as f64,
+            "bytes": json.len(),
+        }),
+    })
+}
+
+fn run_vae(
+    dir: &Path,
+    config: &RecipeConfig,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<StageReport, TrainError> {
+    let mut stage = VaeStage::new(config.vae.clone(), config.seed, config.backend)?;
+    let run = run_stage(&mut stage, dir, config.checkpoint_every, progress)?;
+    let report = stage.evaluate(64)?;
+    write_atomic(
+        &dir.join("autoencoder.safetensors"),
+        &named::safetensors_bytes(&stage.autoencoder_tensors())?,
+    )?;
+    write_atomic(
+        &dir.join("decoder.safetensors"),
+        &named::safetensors_bytes(&stage.decoder_tensors())?,
+    )?;
+    let (first, last) = run.curve.first_last_mean(20);
+    Ok(StageReport {
+        stage: StageName::Vae,
+        seconds: run.seconds,
+        steps: config.vae.optim.steps,
+        first_loss: first,
+        last_loss: last,
+        details: serde_json::to_value(&report)
+            .map_err(|e| TrainError::Checkpoint(e.to_string()))?,
+    })
+}

@@ -1,0 +1,304 @@
+//! The training loop shared by every stage: AdamW with linear warmup and cosine decay,
+//! gradient clipping, checkpoints (named safetensors weights, the optimizer state, the step),
+//! exact resume, a progress callback, and the loss curve.
+//!
+//! A stage draws its batch for step `k` from `(seed, k)` alone, so a run resumed from a
+//! checkpoint at step `k` continues with the same batches, optimizer state and parameter ids
+//! as the uninterrupted run.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::grad_clipping::GradientClippingConfig;
+use burn::module::Module;
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::tensor::Tensor;
+use serde::{Deserialize, Serialize};
+
+use crate::TrainError;
+use crate::curve::LossCurve;
+use crate::named::{NamedParams, read_safetensors, safetensors_bytes};
+
+/// Optimizer and schedule of one stage.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OptimConfig {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Linear warmup steps.
+    pub warmup: usize,
+    /// Final learning rate as a fraction of the peak (cosine decay).
+    pub final_lr_fraction: f64,
+    /// AdamW weight decay.
+    pub weight_decay: f32,
+    /// Gradient-norm clip.
+    pub clip_norm: f32,
+}
+
+impl OptimConfig {
+    /// The learning rate of step `k` (0-based).
+    pub fn lr_at(&self, k: usize) -> f64 {
+        if k < self.warmup {
+            return self.lr * (k + 1) as f64 / self.warmup as f64;
+        }
+        let span = self.steps.saturating_sub(self.warmup).max(1) as f64;
+        let p = ((k - self.warmup) as f64 / span).min(1.0);
+        let cos = 0.5 * (1.0 + (std::f64::consts::PI * p).cos());
+        self.lr * (self.final_lr_fraction + (1.0 - self.final_lr_fraction) * cos)
+    }
+}
+
+/// A module being trained: the module, its checkpoint names and its optimizer.
+pub struct Trainable<M: Module> {
+    model: Option<M>,
+    /// Checkpoint names of the module's parameters.
+    pub names: NamedParams,
+    optim: ModuleOptimizer,
+    /// The schedule.
+    pub config: OptimConfig,
+}
+
+impl<M: Module> Trainable<M> {
+    /// Wraps a freshly initialised module (on an autodiff device).
+    pub fn new(model: M, names: NamedParams, config: OptimConfig) -> Self {
+        let optim = AdamWConfig::new()
+            .with_weight_decay(config.weight_decay)
+            .with_grad_clipping(Some(GradientClippingConfig::Norm(config.clip_norm)))
+            .init();
+        Self {
+            model: Some(model),
+            names,
+            optim,
+            config,
+        }
+    }
+
+    /// The module.
+    pub fn model(&self) -> &M {
+        self.model
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("the model is only taken inside `apply`"))
+    }
+
+    /// Backward pass of `loss` and one AdamW step at the scheduled rate of step `k`; returns
+    /// the loss value and the rate.
+    pub fn apply(&mut self, loss: Tensor<1>, k: usize) -> Result<(f32, f64), TrainError> {
+        let value = scalar(&loss)?;
+        if !value.is_finite() {
+            return Err(TrainError::Diverged { step: k + 1, value });
+        }
+        let grads = loss.backward();
+        let model = self
+            .model
+            .take()
+            .unwrap_or_else(|| unreachable!("the model is present between steps"));
+        let grads = GradientsParams::from_grads(grads, &model);
+        let lr = self.config.lr_at(k);
+        self.model = Some(self.optim.step(lr, model, grads));
+        Ok((value, lr))
+    }
+
+    /// Writes `weights.safetensors` (checkpoint names) and `optimizer.bpk` into `dir`.
+    pub fn save(&self, dir: &Path) -> Result<Vec<u64>, TrainError> {
+        let bytes = safetensors_bytes(&self.names.export(self.model()))?;
+        write_atomic(&dir.join("weights.safetensors"), &bytes)?;
+        self.optim
+            .save(dir.join("optimizer.bpk"))
+            .map_err(|e| TrainError::Checkpoint(format!("optimizer state: {e:?}")))?;
+        Ok(NamedParams::ids(self.model()))
+    }
+
+    /// Restores what [`Trainable::save`] wrote; `ids` are the parameter ids saved with it.
+    pub fn load(&mut self, dir: &Path, ids: Vec<u64>) -> Result<(), TrainError> {
+        let path = dir.join("weights.safetensors");
+        let bytes = std::fs::read(&path).map_err(|e| TrainError::io(&path, e))?;
+        let tensors = read_safetensors(&bytes)?;
+        let model = self
+            .model
+            .take()
+            .unwrap_or_else(|| unreachable!("the model is present between steps"));
+        self.model = Some(self.names.import(model, &tensors, Some(ids))?);
+        let optim = std::mem::replace(&mut self.optim, AdamWConfig::new().init());
+        self.optim = optim
+            .load(dir.join("optimizer.bpk"))
+            .map_err(|e| TrainError::Checkpoint(format!("optimizer state: {e:?}")))?;
+        Ok(())
+    }
+
+    /// The module's tensors under checkpoint names, as safetensors bytes.
+    pub fn export(&self) -> Result<Vec<u8>, TrainError> {
+        safetensors_bytes(&self.names.export(self.model()))
+    }
+
+    /// Loads trained tensors by name (no optimizer state), e.g. a finished stage's weights.
+    pub fn import(&mut self, tensors: &BTreeMap<String, Vec<f32>>) -> Result<(), TrainError> {
+        let model = self
+            .model
+            .take()
+            .unwrap_or_else(|| unreachable!("the model is present between steps"));
+        self.model = Some(self.names.import(model, tensors, None)?);
+        Ok(())
+    }
+}
+
+/// The value of a one-element loss.
+pub fn scalar(loss: &Tensor<1>) -> Result<f32, TrainError> {
+    loss.clone()
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .map_err(|e| TrainError::Model(format!("loss readback: {e:?}")))?
+        .first()
+        .copied()
+        .ok_or_else(|| TrainError::Model("empty loss".into()))
+}
+
+/// Writes via a temporary file and a rename, so a killed run never leaves half a checkpoint.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(|e| TrainError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
+}
+
+/// One stage of the recipe, driven by [`run_stage`].
+pub trait Stage {
+    /// Directory name under the run's output (`vae`, `vlm`, `dit`).
+    fn name(&self) -> &'static str;
+    /// Optimizer steps in all.
+    fn steps(&self) -> usize;
+    /// One optimizer step `k` (0-based); returns the loss and the learning rate.
+    fn step(&mut self, k: usize) -> Result<(f32, f64), TrainError>;
+    /// Saves weights and optimizer state into `dir`; returns the parameter ids.
+    fn save(&self, dir: &Path) -> Result<Vec<u64>, TrainError>;
+    /// Restores them.
+    fn load(&mut self, dir: &Path, ids: Vec<u64>) -> Result<(), TrainError>;
+}
+
+/// Where a stage stands, for progress bars.
+#[derive(Clone, Copy, Debug)]
+pub struct Progress {
+    /// Steps done.
+    pub step: usize,
+    /// Steps in all.
+    pub total: usize,
+    /// Latest loss.
+    pub loss: f32,
+    /// Exponential moving average of the loss.
+    pub smooth: f32,
+    /// Seconds since this process started the stage.
+    pub elapsed: f64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CheckpointState {
+    step: usize,
+    ids: Vec<u64>,
+}
+
+/// What [`run_stage`] did.
+#[derive(Clone, Debug)]
+pub struct StageRun {
+    /// The whole curve (resumed steps included).
+    pub curve: LossCurve,
+    /// Step the run resumed from (0 = fresh).
+    pub resumed_from: usize,
+    /// Seconds this process spent training.
+    pub seconds: f64,
+}
+
+/// Runs `stage` in `dir` (created): resumes from `dir/checkpoint` when there is one, saves a
+/// checkpoint every `every` steps and at the end, keeps `loss.csv` / `loss.png` current.
+pub fn run_stage(
+    stage: &mut dyn Stage,
+    dir: &Path,
+    every: usize,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<StageRun, TrainError> {
+    run_stage_until(stage, dir, every, usize::MAX, progress)
+}
+
+/// [`run_stage`] that stops (with a checkpoint) after step `stop` (a time-boxed run; the next
+/// call resumes).
+pub fn run_stage_until(
+    stage: &mut dyn Stage,
+    dir: &Path,
+    every: usize,
+    stop: usize,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<StageRun, TrainError> {
+    std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
+    let ckpt: PathBuf = dir.join("checkpoint");
+    let state_path = ckpt.join("state.json");
+    let mut curve = LossCurve::default();
+    let mut start = 0;
+    if state_path.exists() {
+        let text =
+            std::fs::read_to_string(&state_path).map_err(|e| TrainError::io(&state_path, e))?;
+        let state: CheckpointState = serde_json::from_str(&text)
+            .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", state_path.display())))?;
+        stage.load(&ckpt, state.ids)?;
+        start = state.step;
+        let csv = dir.join("loss.csv");
+        if csv.exists() {
+            let text = std::fs::read_to_string(&csv).map_err(|e| TrainError::io(&csv, e))?;
+            curve = LossCurve::from_csv(&text)?;
+            curve.rows.retain(|r| r.0 <= start);
+        }
+    }
+    let total = stage.steps();
+    let end = total.min(stop.max(start));
+    let began = Instant::now();
+    let mut smooth = curve.smoothed(0.05).last().copied();
+    for k in start..end {
+        let (loss, lr) = stage.step(k)?;
+        curve.rows.push((k + 1, loss, lr));
+        let s = smooth.map_or(loss, |s| s + 0.05 * (loss - s));
+        smooth = Some(s);
+        progress(Progress {
+            step: k + 1,
+            total,
+            loss,
+            smooth: s,
+            elapsed: began.elapsed().as_secs_f64(),
+        });
+        if (k + 1) % every.max(1) == 0 || k + 1 == end {
+            std::fs::create_dir_all(&ckpt).map_err(|e| TrainError::io(&ckpt, e))?;
+            let ids = stage.save(&ckpt)?;
+            let state = serde_json::to_string(&CheckpointState { step: k + 1, ids })
+                .map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+            write_atomic(&state_path, state.as_bytes())?;
+            curve.save(dir)?;
+        }
+    }
+    if start == end {
+        curve.save(dir)?;
+    }
+    Ok(StageRun {
+        curve,
+        resumed_from: start,
+        seconds: began.elapsed().as_secs_f64(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_warms_up_then_decays() {
+        let c = OptimConfig {
+            steps: 100,
+            lr: 1e-3,
+            warmup: 10,
+            final_lr_fraction: 0.1,
+            weight_decay: 0.0,
+            clip_norm: 1.0,
+        };
+        assert!((c.lr_at(0) - 1e-4).abs() < 1e-12);
+        assert!((c.lr_at(9) - 1e-3).abs() < 1e-12);
+        assert!(c.lr_at(50) < 1e-3 && c.lr_at(50) > 1e-4);
+        assert!((c.lr_at(99) - 1e-4).abs() < 2e-6);
+    }
+}

@@ -1,0 +1,396 @@
+//! Stage 2: the tiny VAE, `AutoencoderTiny` layout (the model crate's `TinyEncoder` /
+//! `TinyDecoder`), trained on rendered world images.
+//!
+//! Loss: `L1 + MSE` of the reconstruction, plus `latent_l2 · mean(z²)` (a small KL-like pull
+//! that keeps the raw latents, which the DiT samples directly, near unit scale). The decoder
+//! sees `z + σ·ε` so small sampling errors of the DiT decode to clean images. Each step's
+//! batch is rendered afresh from `(seed, step)`: unlimited data, no epochs.
+
+use std::path::Path;
+
+use burn::module::Module;
+use burn::tensor::{Device, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+use unifusion_model::generator::config::AutoencoderTinyConfig;
+use unifusion_model::generator::sampler::SeededNormal;
+use unifusion_model::generator::tiny_vae::AutoencoderTiny;
+use unifusion_world::score::{micro_average, score_scene};
+
+use crate::data::{image_values, mix, planar_to_rgb, scene};
+use crate::named::{Init, NamedParams, NamedTensors, Recorder};
+use crate::trainer::{OptimConfig, Stage, Trainable};
+use crate::{Backend, TrainError};
+
+/// The VAE stage's settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VaeStageConfig {
+    /// Image side in pixels (the world renders squares).
+    pub image_size: u32,
+    /// The autoencoder (`AutoencoderTiny` config; downscale = 2^(levels − 1)).
+    pub vae: AutoencoderTinyConfig,
+    /// Images per step.
+    pub batch: usize,
+    /// Optimizer and schedule.
+    pub optim: OptimConfig,
+    /// Standard deviation of the noise added to latents before decoding.
+    pub latent_noise: f32,
+    /// Weight of `mean(z²)`.
+    pub latent_l2: f32,
+}
+
+impl VaeStageConfig {
+    /// The recipe's VAE: 64-px images, 4× down to `[4, 16, 16]` latents, width 32. No
+    /// residual block at full resolution (a 3×3 conv in and out only): that level would cost
+    /// three quarters of the compute.
+    pub fn recipe() -> Self {
+        Self {
+            image_size: 64,
+            vae: AutoencoderTinyConfig {
+                encoder_block_out_channels: vec![32, 32, 32],
+                decoder_block_out_channels: vec![32, 32, 32],
+                num_encoder_blocks: vec![0, 1, 1],
+                num_decoder_blocks: vec![1, 1, 0],
+                latent_channels: 4,
+                ..AutoencoderTinyConfig::taef1()
+            },
+            batch: 16,
+            optim: OptimConfig {
+                steps: 1500,
+                lr: 2e-3,
+                warmup: 50,
+                final_lr_fraction: 0.05,
+                weight_decay: 0.0,
+                clip_norm: 1.0,
+            },
+            latent_noise: 0.1,
+            latent_l2: 1e-3,
+        }
+    }
+
+    /// A few-second config for tests: 32-px images, 8 channels.
+    pub fn tiny() -> Self {
+        Self {
+            image_size: 32,
+            vae: AutoencoderTinyConfig {
+                encoder_block_out_channels: vec![8, 8],
+                decoder_block_out_channels: vec![8, 8],
+                num_encoder_blocks: vec![1, 1],
+                num_decoder_blocks: vec![1, 1],
+                latent_channels: 4,
+                ..AutoencoderTinyConfig::taef1()
+            },
+            batch: 4,
+            optim: OptimConfig {
+                steps: 40,
+                lr: 3e-3,
+                warmup: 5,
+                final_lr_fraction: 0.1,
+                weight_decay: 0.0,
+                clip_norm: 1.0,
+            },
+            latent_noise: 0.1,
+            latent_l2: 1e-3,
+        }
+    }
+
+    /// Pixels per latent cell.
+    pub fn downscale(&self) -> usize {
+        self.vae
+            .upsampling_scaling_factor
+            .pow(self.vae.num_decoder_blocks.len().saturating_sub(1) as u32)
+    }
+}
+
+/// Builds an `AutoencoderTiny` on `device` with its checkpoint names, initialised for
+/// training (He-normal convs, zero biases) from `seed`.
+pub fn init_autoencoder(
+    cfg: &AutoencoderTinyConfig,
+    seed: u64,
+    device: &Device,
+) -> Result<(AutoencoderTiny, NamedParams), TrainError> {
+    let mut rec = Recorder::new(mix(seed, 0xAE));
+    let model = AutoencoderTiny::load(cfg, &mut rec, device)
+        .map_err(|e| TrainError::Model(e.to_string()))?;
+    let names = NamedParams::discover(&model, &rec.tensors)?;
+    let mut rng = SeededNormal::new(mix(seed, 0xAE1));
+    // He-normal convs; the last conv of every residual block and the decoder's output conv
+    // start small, so the untrained autoencoder is near identity blocks and small outputs
+    // (plain He init makes ReLU stacks without norms blow up to losses of ~60).
+    let model = names.init(model, |p| {
+        let he = match Init::fan_in(&p.shape) {
+            Init::Normal(s) => s * std::f32::consts::SQRT_2,
+            _ => 0.0,
+        };
+        let init = if p.name.ends_with(".bias") {
+            Init::Zeros
+        } else if p.name.ends_with(".conv.4.weight") || p.shape.first() == Some(&cfg.out_channels) {
+            Init::Normal(0.1 * he)
+        } else {
+            Init::Normal(he)
+        };
+        init.values(&p.shape, &mut rng)
+    })?;
+    Ok((model, names))
+}
+
+/// Images `[B, 3, s, s]` of `scenes`.
+pub fn image_batch_of(
+    scenes: &[unifusion_world::Scene],
+    size: u32,
+    device: &Device,
+) -> Result<Tensor<4>, TrainError> {
+    let mut values = Vec::with_capacity(scenes.len() * 3 * (size * size) as usize);
+    for s in scenes {
+        values.extend(image_values(s, size)?);
+    }
+    let s = size as usize;
+    Ok(Tensor::from_data(
+        TensorData::new(values, [scenes.len(), 3, s, s]),
+        device,
+    ))
+}
+
+/// Images `[B, 3, s, s]` of scenes `(seed, first..first + n)`.
+pub fn image_batch(
+    seed: u64,
+    first: u64,
+    n: usize,
+    size: u32,
+    device: &Device,
+) -> Result<Tensor<4>, TrainError> {
+    let scenes: Vec<_> = (0..n as u64).map(|i| scene(seed, first + i)).collect();
+    image_batch_of(&scenes, size, device)
+}
+
+/// The VAE stage.
+pub struct VaeStage {
+    /// Settings.
+    pub config: VaeStageConfig,
+    seed: u64,
+    device: Device,
+    ae: Trainable<AutoencoderTiny>,
+}
+
+/// Reconstruction quality on fresh scenes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VaeReport {
+    /// Images evaluated.
+    pub images: usize,
+    /// PSNR of decoded vs rendered, in dB, over 8-bit pixels.
+    pub psnr_db: f64,
+    /// The world's judge (micro average) on the rendered images.
+    pub judge_rendered: f64,
+    /// The judge on the decoded images.
+    pub judge_decoded: f64,
+    /// Mean and standard deviation of the latents.
+    pub latent_mean: f64,
+    pub latent_std: f64,
+}
+
+impl VaeStage {
+    /// A fresh stage on `backend`.
+    pub fn new(config: VaeStageConfig, seed: u64, backend: Backend) -> Result<Self, TrainError> {
+        let device = backend.autodiff();
+        let (model, names) = init_autoencoder(&config.vae, seed, &device)?;
+        let ae = Trainable::new(model, names, config.optim.clone());
+        Ok(Self {
+            config,
+            seed,
+            device,
+            ae,
+        })
+    }
+
+    /// The reconstruction loss of a batch.
+    fn loss(&self, x: Tensor<4>, noise_seed: u64) -> Result<Tensor<1>, TrainError> {
+        let model = self.ae.model();
+        let z = model
+            .encoder
+            .encode(x.clone())
+            .map_err(|e| TrainError::Model(e.to_string()))?;
+        let dims = z.dims();
+        let n: usize = dims.iter().product();
+        let mut rng = SeededNormal::new(noise_seed);
+        let eps: Vec<f32> = (0..n)
+            .map(|_| rng.next_f32() * self.config.latent_noise)
+            .collect();
+        let eps = Tensor::<4>::from_data(TensorData::new(eps, dims), &self.device);
+        let y = model
+            .decoder
+            .decode(z.clone() + eps)
+            .map_err(|e| TrainError::Model(e.to_string()))?;
+        let diff = y - x;
+        let rec = diff.clone().abs().mean() + diff.square().mean();
+        Ok(rec + z.square().mean() * self.config.latent_l2)
+    }
+
+    /// The decoder's tensors (`decoder.layers.*`), what the pipeline's `vae.safetensors` holds.
+    pub fn decoder_tensors(&self) -> NamedTensors {
+        self.ae
+            .names
+            .export(self.ae.model())
+            .into_iter()
+            .filter(|(n, _, _)| n.starts_with("decoder."))
+            .collect()
+    }
+
+    /// Both halves under diffusers names.
+    pub fn autoencoder_tensors(&self) -> NamedTensors {
+        self.ae.names.export(self.ae.model())
+    }
+
+    /// PSNR and judge scores on `n` scenes of a stream training never draws.
+    pub fn evaluate(&self, n: usize) -> Result<VaeReport, TrainError> {
+        let model = self.ae.model().valid();
+        let s = self.config.image_size;
+        let device = self.device.clone().inner();
+        let eval_seed = mix(self.seed, 0xE7A1);
+        let (mut se, mut count) = (0f64, 0usize);
+        let (mut rendered, mut decoded) = (Vec::new(), Vec::new());
+        let (mut zsum, mut zsq, mut zn) = (0f64, 0f64, 0usize);
+        for chunk in (0..n).collect::<Vec<_>>().chunks(8) {
+            let first = chunk[0] as u64;
+            let x = image_batch(eval_seed, first, chunk.len(), s, &device)?;
+            let z = model
+                .encoder
+                .encode(x.clone())
+                .map_err(|e| TrainError::Model(e.to_string()))?;
+            let y = model
+                .decoder
+                .decode(z.clone())
+                .map_err(|e| TrainError::Model(e.to_string()))?;
+            let zv = to_vec(z)?;
+            zsum += zv.iter().map(|&v| v as f64).sum::<f64>();
+            zsq += zv.iter().map(|&v| (v as f64).powi(2)).sum::<f64>();
+            zn += zv.len();
+            let xv = to_vec(x)?;
+            let yv = to_vec(y)?;
+            let per = 3 * (s * s) as usize;
+            for (j, &i) in chunk.iter().enumerate() {
+                let a = planar_to_rgb(&xv[j * per..(j + 1) * per], s as usize);
+                let b = planar_to_rgb(&yv[j * per..(j + 1) * per], s as usize);
+                se += a
+                    .iter()
+                    .zip(&b)
+                    .map(|(&p, &q)| (p as f64 - q as f64).powi(2))
+                    .sum::<f64>();
+                count += a.len();
+                let intended = scene(eval_seed, i as u64);
+                for (rgb, scores) in [(a, &mut rendered), (b, &mut decoded)] {
+                    let img = image::RgbImage::from_raw(s, s, rgb)
+                        .ok_or_else(|| TrainError::Model("image buffer size".into()))?;
+                    let parsed = unifusion_world::parse_image(&img)?;
+                    scores.push(score_scene(&intended, &parsed));
+                }
+            }
+        }
+        let mse = se / count.max(1) as f64;
+        let mean = zsum / zn.max(1) as f64;
+        Ok(VaeReport {
+            images: n,
+            psnr_db: 10.0 * (255f64.powi(2) / mse.max(1e-12)).log10(),
+            judge_rendered: micro_average(&rendered),
+            judge_decoded: micro_average(&decoded),
+            latent_mean: mean,
+            latent_std: (zsq / zn.max(1) as f64 - mean * mean).max(0.0).sqrt(),
+        })
+    }
+}
+
+/// A tensor's values.
+pub fn to_vec<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>, TrainError> {
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .map_err(|e| TrainError::Model(format!("readback: {e:?}")))
+}
+
+impl Stage for VaeStage {
+    fn name(&self) -> &'static str {
+        "vae"
+    }
+
+    fn steps(&self) -> usize {
+        self.config.optim.steps
+    }
+
+    fn step(&mut self, k: usize) -> Result<(f32, f64), TrainError> {
+        let b = self.config.batch;
+        let x = image_batch(
+            mix(self.seed, 0x1A),
+            (k * b) as u64,
+            b,
+            self.config.image_size,
+            &self.device,
+        )?;
+        let loss = self.loss(x, mix(self.seed, 0x2000 + k as u64))?;
+        self.ae.apply(loss, k)
+    }
+
+    fn save(&self, dir: &Path) -> Result<Vec<u64>, TrainError> {
+        self.ae.save(dir)
+    }
+
+    fn load(&mut self, dir: &Path, ids: Vec<u64>) -> Result<(), TrainError> {
+        self.ae.load(dir, ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trainer::{run_stage, run_stage_until};
+    use unifusion_model::generator::params::WeightMap;
+    use unifusion_model::generator::tiny_vae::TinyDecoder;
+
+    #[test]
+    fn short_run_reduces_the_loss_and_the_decoder_loads_in_the_model_crate() {
+        let dir = std::env::temp_dir().join(format!("unifusion-vae-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut stage = VaeStage::new(VaeStageConfig::tiny(), 3, Backend::Flex).expect("builds");
+        let run = run_stage(&mut stage, &dir, 1000, &mut |_| {}).expect("trains");
+        let (first, last) = run.curve.first_last_mean(5);
+        assert!(last < 0.7 * first, "loss {first} -> {last}");
+        assert!(dir.join("loss.png").exists() && dir.join("loss.csv").exists());
+
+        // The pipeline's own decoder reads the exported tensors and decodes like training.
+        let bytes = crate::named::safetensors_bytes(&stage.decoder_tensors()).expect("bytes");
+        let mut map = WeightMap::from_safetensors(&bytes).expect("parses");
+        let device = Device::flex();
+        let decoder =
+            TinyDecoder::load(&stage.config.vae, &mut map, "decoder", &device).expect("loads");
+        map.finish().expect("every tensor used");
+        let z = Tensor::<4>::ones([1, 4, 16, 16], &device);
+        let a = to_vec(decoder.decode(z.clone()).expect("decodes")).expect("reads");
+        let trained = stage.ae.model().valid();
+        let b = to_vec(trained.decoder.decode(z).expect("decodes")).expect("reads");
+        assert_eq!(a, b);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_resumed_run_ends_where_an_uninterrupted_one_does() {
+        let config = VaeStageConfig {
+            optim: OptimConfig {
+                steps: 8,
+                ..VaeStageConfig::tiny().optim
+            },
+            ..VaeStageConfig::tiny()
+        };
+        let base =
+            std::env::temp_dir().join(format!("unifusion-resume-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let mut whole = VaeStage::new(config.clone(), 9, Backend::Flex).expect("builds");
+        let a = run_stage(&mut whole, &base.join("a"), 3, &mut |_| {}).expect("trains");
+
+        let mut first = VaeStage::new(config.clone(), 9, Backend::Flex).expect("builds");
+        run_stage_until(&mut first, &base.join("b"), 3, 5, &mut |_| {}).expect("trains");
+        drop(first); // a new process, in effect
+        let mut second = VaeStage::new(config, 9, Backend::Flex).expect("builds");
+        let b = run_stage(&mut second, &base.join("b"), 3, &mut |_| {}).expect("resumes");
+        assert_eq!(b.resumed_from, 5);
+        assert_eq!(a.curve, b.curve);
+        assert_eq!(whole.autoencoder_tensors(), second.autoencoder_tensors());
+        let _ = std::fs::remove_dir_all(&base);
+    }
+}

@@ -1,0 +1,491 @@
+//! Stage 3: the tiny InternVL-layout VLM, trained by causal LM loss in the model crate's own
+//! `InternVl` (vision tower → pixel shuffle → `mlp1` → Qwen2).
+//!
+//! Every sample is the pipeline's VERIFI chat prompt (`chat_tokens` with the VERIFI system
+//! prompt, the images' `<IMG_CONTEXT>` blocks, the user's text) followed by the answer, the
+//! canonical description of the target scene, and `<|im_end|>`. The loss is the mean
+//! next-token cross-entropy over the answer tokens only. Tasks: captioning (one image, no
+//! text: VERIFI's image variation), rewriting (a user phrasing), edit rewriting (image +
+//! instruction → edited scene) and two-image transfer descriptions.
+//!
+//! Batches are right-padded; with causal attention the padding (after every real token)
+//! cannot reach a real position, so no mask is needed.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::module::Module;
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+use unifusion_model::generator::sampler::SeededNormal;
+use unifusion_model::pipeline::config::VERIFI_SYSTEM_PROMPT;
+use unifusion_model::pipeline::verifi::{Tokenize, chat_tokens};
+use unifusion_model::vlm::processor::{RgbImage, VlmTokenizer, preprocess_image};
+use unifusion_model::vlm::weights::transformers_name;
+use unifusion_model::vlm::{InternVl, InternVlConfig, VlmError, VlmInput, Weights};
+
+use crate::data::{Sample, TaskMix, mix, sample};
+use crate::named::{Init, NamedParams, NamedTensors, safetensors_bytes};
+use crate::tokenizer::{IM_END, IMG_CONTEXT};
+use crate::trainer::{OptimConfig, Stage, Trainable};
+use crate::{Backend, TrainError};
+
+/// The VLM stage's settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VlmStageConfig {
+    /// The VLM (transformers `InternVLConfig` layout).
+    pub vlm: InternVlConfig,
+    /// Rendered image side (one tile: equal to the vision tower's image size).
+    pub image_size: u32,
+    /// Sequences per step.
+    pub batch: usize,
+    /// Optimizer and schedule.
+    pub optim: OptimConfig,
+    /// Task weights.
+    pub mix: TaskMix,
+}
+
+fn vlm_config(
+    vocab: usize,
+    image: usize,
+    patch: usize,
+    vision: (usize, usize, usize),
+    text: (usize, usize, usize, usize),
+) -> InternVlConfig {
+    let mut c = InternVlConfig::tiny();
+    c.vision_config.hidden_size = vision.0;
+    c.vision_config.num_hidden_layers = vision.1;
+    c.vision_config.num_attention_heads = 4;
+    c.vision_config.intermediate_size = vision.2;
+    c.vision_config.image_size = [image, image];
+    c.vision_config.patch_size = [patch, patch];
+    c.text_config.vocab_size = vocab;
+    c.text_config.hidden_size = text.0;
+    c.text_config.num_hidden_layers = text.1;
+    c.text_config.num_attention_heads = text.2;
+    c.text_config.num_key_value_heads = Some(text.2 / 2);
+    c.text_config.intermediate_size = text.3;
+    c.image_token_id = IMG_CONTEXT;
+    c.image_seq_length = (image / patch / 2).pow(2);
+    c
+}
+
+impl VlmStageConfig {
+    /// The recipe's VLM: 64-px tiles of 8-px patches (16 image tokens), a width-64 ViT of 2
+    /// layers, a width-96 Qwen2 of 6 layers (taps 0, 3, 6).
+    pub fn recipe(vocab: usize) -> Self {
+        Self {
+            vlm: vlm_config(vocab, 64, 8, (64, 2, 128), (96, 6, 4, 256)),
+            image_size: 64,
+            batch: 8,
+            optim: OptimConfig {
+                steps: 2000,
+                lr: 2e-3,
+                warmup: 100,
+                final_lr_fraction: 0.05,
+                weight_decay: 0.01,
+                clip_norm: 1.0,
+            },
+            mix: TaskMix {
+                caption: 1.0,
+                rewrite: 1.5,
+                edit: 1.0,
+                transfer: 0.5,
+            },
+        }
+    }
+
+    /// A few-second config for tests.
+    pub fn tiny(vocab: usize) -> Self {
+        Self {
+            vlm: vlm_config(vocab, 32, 8, (16, 1, 32), (32, 3, 4, 64)),
+            image_size: 32,
+            batch: 2,
+            optim: OptimConfig {
+                steps: 30,
+                lr: 3e-3,
+                warmup: 3,
+                final_lr_fraction: 0.5,
+                weight_decay: 0.0,
+                clip_norm: 1.0,
+            },
+            mix: TaskMix {
+                caption: 1.0,
+                rewrite: 1.0,
+                edit: 1.0,
+                transfer: 1.0,
+            },
+        }
+    }
+}
+
+/// Random VLM tensors under transformers names, found by asking the loader what it needs
+/// (the loader names each missing tensor and each wrong shape).
+pub fn discover_vlm_tensors(
+    config: &InternVlConfig,
+    seed: u64,
+    device: &Device,
+) -> Result<(InternVl, NamedTensors), TrainError> {
+    let mut shapes: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for _ in 0..10_000 {
+        let mut rng = SeededNormal::new(seed);
+        let tensors: NamedTensors = shapes
+            .iter()
+            .map(|(name, shape)| {
+                let n = shape.iter().product();
+                let values = (0..n).map(|_| rng.next_f32()).collect();
+                (transformers_name(name), shape.clone(), values)
+            })
+            .collect();
+        let mut weights = Weights::new();
+        if !tensors.is_empty() {
+            weights
+                .add_safetensors(&safetensors_bytes(&tensors)?)
+                .map_err(|e| TrainError::Model(e.to_string()))?;
+        }
+        match InternVl::load(config, &mut weights, device) {
+            Ok(model) => return Ok((model, tensors)),
+            Err(VlmError::MissingTensor(name)) => {
+                shapes.insert(name, vec![1]);
+            }
+            Err(VlmError::TensorShape { name, expected, .. }) => {
+                shapes.insert(name, expected);
+            }
+            Err(e) => return Err(TrainError::Model(format!("VLM: {e}"))),
+        }
+    }
+    Err(TrainError::Model(
+        "VLM: the tensor list does not converge".into(),
+    ))
+}
+
+/// How a VLM parameter starts, by its transformers name.
+fn vlm_init(name: &str, shape: &[usize]) -> Init {
+    let leaf = name.rsplit('.').next().unwrap_or(name);
+    if leaf == "bias" {
+        Init::Zeros
+    } else if name.contains("norm") && shape.len() == 1 {
+        Init::Ones
+    } else if leaf == "lambda_1" || leaf == "lambda_2" {
+        // LayerScale starts at 0.1 (InternViT's `layer_scale_init_value`).
+        Init::Const(0.1)
+    } else if name.contains("embed") || name.contains("lm_head") || name.contains("cls_token") {
+        Init::Normal(0.02)
+    } else {
+        Init::fan_in(shape)
+    }
+}
+
+/// Builds the VLM on `device` with its names, initialised for training from `seed`.
+pub fn init_vlm(
+    config: &InternVlConfig,
+    seed: u64,
+    device: &Device,
+) -> Result<(InternVl, NamedParams), TrainError> {
+    let (model, tensors) = discover_vlm_tensors(config, mix(seed, 0x71), device)?;
+    let names = NamedParams::discover(&model, &tensors)?;
+    let mut rng = SeededNormal::new(mix(seed, 0x72));
+    let model = names.init(model, |p| {
+        vlm_init(&p.name, &p.shape).values(&p.shape, &mut rng)
+    })?;
+    Ok((model, names))
+}
+
+/// One tokenised batch: ids (right-padded), tiles, and where each row's answer sits.
+pub struct VlmBatch {
+    /// `[batch][seq]`.
+    pub ids: Vec<Vec<u32>>,
+    /// Tiles of every row's images, in order.
+    pub pixels: Option<Tensor<4>>,
+    /// Per row: the prompt length (the answer starts here) and the full length.
+    pub spans: Vec<(usize, usize)>,
+    /// Per row: positions of its `<IMG_CONTEXT>` tokens.
+    pub image_positions: Vec<Vec<usize>>,
+}
+
+/// Tokenises `samples` as VERIFI chats with their answers.
+pub fn make_batch(
+    samples: &[Sample],
+    tokenizer: &VlmTokenizer,
+    config: &InternVlConfig,
+    image_size: u32,
+    device: &Device,
+) -> Result<VlmBatch, TrainError> {
+    let tile = config.vision_config.image_size[0];
+    let per_tile = config.tokens_per_tile();
+    let mut rows = Vec::new();
+    let mut tiles = Vec::new();
+    let mut spans = Vec::new();
+    let mut image_positions = Vec::new();
+    for s in samples {
+        let mut counts = Vec::new();
+        for scene in &s.inputs {
+            let img = unifusion_world::render(
+                scene,
+                &unifusion_world::RenderConfig::with_size(image_size),
+            )?;
+            let rgb = RgbImage {
+                width: image_size as usize,
+                height: image_size as usize,
+                pixels: img.as_raw(),
+            };
+            let t = preprocess_image(&rgb, tile, 1, 1, device)
+                .map_err(|e| TrainError::Model(e.to_string()))?;
+            counts.push(t.dims()[0]);
+            tiles.push(t);
+        }
+        let chat = chat_tokens(
+            tokenizer,
+            VERIFI_SYSTEM_PROMPT,
+            &s.prompt,
+            &counts,
+            per_tile,
+            config.image_token_id,
+        )
+        .map_err(|e| TrainError::Model(e.to_string()))?;
+        let mut ids = chat.ids;
+        let prompt_len = ids.len();
+        ids.extend(
+            Tokenize::encode(tokenizer, &s.answer())
+                .map_err(|e| TrainError::Tokenizer(e.to_string()))?,
+        );
+        ids.push(IM_END);
+        spans.push((prompt_len, ids.len()));
+        image_positions.push(chat.image_positions);
+        rows.push(ids);
+    }
+    let len = rows.iter().map(Vec::len).max().unwrap_or(0);
+    for r in &mut rows {
+        r.resize(len, IM_END);
+    }
+    Ok(VlmBatch {
+        ids: rows,
+        pixels: (!tiles.is_empty()).then(|| Tensor::cat(tiles, 0)),
+        spans,
+        image_positions,
+    })
+}
+
+/// Mean next-token cross-entropy over the answers of `batch` (and the number of tokens).
+pub fn lm_loss(model: &InternVl, batch: VlmBatch) -> Result<(Tensor<1>, usize), TrainError> {
+    let device = model.text.embed_tokens.device();
+    let seq = batch.ids.first().map(Vec::len).unwrap_or(0);
+    let out = model
+        .forward(
+            VlmInput {
+                ids: &batch.ids,
+                pixel_values: batch.pixels,
+                attention_mask: None,
+            },
+            &[],
+        )
+        .map_err(|e| TrainError::Model(e.to_string()))?;
+    let (mut rows, mut targets) = (Vec::new(), Vec::new());
+    for (b, &(start, end)) in batch.spans.iter().enumerate() {
+        for p in start - 1..end - 1 {
+            rows.push((b * seq + p) as i64);
+            targets.push(batch.ids[b][p + 1] as i64);
+        }
+    }
+    let n = rows.len();
+    let hidden = out.last.dims()[2];
+    let states = out.last.reshape([batch.ids.len() * seq, hidden]).select(
+        0,
+        Tensor::<1, Int>::from_data(TensorData::new(rows, [n]), &device),
+    );
+    let logits = model.text.logits(states.unsqueeze::<3>()).squeeze::<2>();
+    let logp = log_softmax(logits, 1);
+    let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [n, 1]), &device);
+    Ok((logp.gather(1, targets).mean().neg(), n))
+}
+
+/// The VLM stage.
+pub struct VlmStage {
+    /// Settings.
+    pub config: VlmStageConfig,
+    seed: u64,
+    device: Device,
+    tokenizer: VlmTokenizer,
+    vlm: Trainable<InternVl>,
+}
+
+impl VlmStage {
+    /// A fresh stage with the stage-1 tokenizer.
+    pub fn new(
+        config: VlmStageConfig,
+        tokenizer_json: &str,
+        seed: u64,
+        backend: Backend,
+    ) -> Result<Self, TrainError> {
+        let tokenizer = VlmTokenizer::from_bytes(tokenizer_json.as_bytes())
+            .map_err(|e| TrainError::Tokenizer(e.to_string()))?;
+        let device = backend.autodiff();
+        let (model, names) = init_vlm(&config.vlm, seed, &device)?;
+        let vlm = Trainable::new(model, names, config.optim.clone());
+        Ok(Self {
+            config,
+            seed,
+            device,
+            tokenizer,
+            vlm,
+        })
+    }
+
+    /// The VLM's tensors under transformers names (`vlm.safetensors`).
+    pub fn tensors(&self) -> NamedTensors {
+        self.vlm.names.export(self.vlm.model())
+    }
+
+    /// The trained VLM on the plain device (frozen, for stage 4 and evaluation).
+    pub fn frozen(&self) -> InternVl {
+        self.vlm.model().valid()
+    }
+
+    /// Greedy VERIFI rewrites of `n` held-out samples per task: the fraction of exact
+    /// canonical descriptions, and the per-task examples.
+    pub fn evaluate(&self, n: usize) -> Result<serde_json::Value, TrainError> {
+        let model = self.frozen();
+        let device = self.device.clone().inner();
+        let mut out = serde_json::Map::new();
+        let tasks = [
+            (
+                "caption",
+                TaskMix {
+                    caption: 1.0,
+                    rewrite: 0.0,
+                    edit: 0.0,
+                    transfer: 0.0,
+                },
+            ),
+            (
+                "rewrite",
+                TaskMix {
+                    caption: 0.0,
+                    rewrite: 1.0,
+                    edit: 0.0,
+                    transfer: 0.0,
+                },
+            ),
+            (
+                "edit",
+                TaskMix {
+                    caption: 0.0,
+                    rewrite: 0.0,
+                    edit: 1.0,
+                    transfer: 0.0,
+                },
+            ),
+            (
+                "transfer",
+                TaskMix {
+                    caption: 0.0,
+                    rewrite: 0.0,
+                    edit: 0.0,
+                    transfer: 1.0,
+                },
+            ),
+        ];
+        for (name, task) in tasks {
+            let mut exact = 0;
+            let mut example = serde_json::Value::Null;
+            for i in 0..n {
+                let s = sample(mix(self.seed, 0xE7A2), i as u64, &task);
+                let batch = make_batch(
+                    std::slice::from_ref(&s),
+                    &self.tokenizer,
+                    &self.config.vlm,
+                    self.config.image_size,
+                    &device,
+                )?;
+                let prompt = &batch.ids[0][..batch.spans[0].0];
+                let generation = pollster::block_on(model.generate(
+                    prompt,
+                    batch.pixels,
+                    &unifusion_model::vlm::GenerateOptions {
+                        max_new_tokens: batch.spans[0].1 - batch.spans[0].0 + 8,
+                        stop_tokens: vec![IM_END],
+                        taps: Vec::new(),
+                    },
+                ))
+                .map_err(|e| TrainError::Model(e.to_string()))?;
+                let text = Tokenize::decode(&self.tokenizer, &generation.ids)
+                    .map_err(|e| TrainError::Tokenizer(e.to_string()))?;
+                let want = s.answer();
+                if text.trim() == want {
+                    exact += 1;
+                }
+                if i == 0 {
+                    example = serde_json::json!({"prompt": s.prompt, "want": want, "got": text});
+                }
+            }
+            out.insert(
+                name.into(),
+                serde_json::json!({"exact": exact as f64 / n.max(1) as f64, "example": example}),
+            );
+        }
+        Ok(serde_json::Value::Object(out))
+    }
+}
+
+impl Stage for VlmStage {
+    fn name(&self) -> &'static str {
+        "vlm"
+    }
+
+    fn steps(&self) -> usize {
+        self.config.optim.steps
+    }
+
+    fn step(&mut self, k: usize) -> Result<(f32, f64), TrainError> {
+        let b = self.config.batch;
+        let samples: Vec<Sample> = (0..b)
+            .map(|i| sample(mix(self.seed, 0x5A), (k * b + i) as u64, &self.config.mix))
+            .collect();
+        let batch = make_batch(
+            &samples,
+            &self.tokenizer,
+            &self.config.vlm,
+            self.config.image_size,
+            &self.device,
+        )?;
+        let (loss, _) = lm_loss(self.vlm.model(), batch)?;
+        self.vlm.apply(loss, k)
+    }
+
+    fn save(&self, dir: &Path) -> Result<Vec<u64>, TrainError> {
+        self.vlm.save(dir)
+    }
+
+    fn load(&mut self, dir: &Path, ids: Vec<u64>) -> Result<(), TrainError> {
+        self.vlm.load(dir, ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trainer::run_stage;
+
+    #[test]
+    fn short_run_reduces_the_lm_loss_and_the_checkpoint_loads_in_the_model_crate() {
+        let corpus = crate::data::text_corpus(2, 100);
+        let json = crate::tokenizer::train_bpe(&corpus, 320).expect("tokenizer");
+        let dir = std::env::temp_dir().join(format!("unifusion-vlm-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut stage =
+            VlmStage::new(VlmStageConfig::tiny(320), &json, 4, Backend::Flex).expect("builds");
+        let run = run_stage(&mut stage, &dir, 1000, &mut |_| {}).expect("trains");
+        let (first, last) = run.curve.first_last_mean(5);
+        // From ≈ ln(vocab) (uniform guessing) down by at least a fifth.
+        assert!(last < 0.8 * first, "loss {first} -> {last}");
+
+        // The model crate's loader reads the exported tensors.
+        let bytes = safetensors_bytes(&stage.tensors()).expect("bytes");
+        let mut w = Weights::new();
+        w.add_safetensors(&bytes).expect("parses");
+        InternVl::load(&stage.config.vlm, &mut w, &Device::flex()).expect("loads");
+        assert!(w.remaining().is_empty(), "unused: {:?}", w.remaining());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
