@@ -6,6 +6,7 @@
 //! layouts and the check against `--config` are in [`layout`].
 
 mod layout;
+mod quantize;
 
 use std::path::{Path, PathBuf};
 
@@ -76,6 +77,12 @@ pub struct Args {
     /// Model version for the manifest.
     #[arg(long, default_value = "0")]
     model_version: String,
+    /// Store the VLM's and the DiT's Linear weights block-wise quantized (docs/WEIGHTS.md).
+    #[arg(long, value_enum)]
+    quantize: Option<quantize::Quantize>,
+    /// Input elements per f16 scale with --quantize (a multiple of 8).
+    #[arg(long, default_value_t = 32)]
+    group: usize,
 }
 
 fn usage(e: impl std::fmt::Display) -> CliError {
@@ -247,6 +254,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
         FloatDtype::F32 => Dtype::F32,
         FloatDtype::F16 => Dtype::F16,
     });
+    let mut quantizer = quantize::Quantizer::new(args.quantize, args.group)?;
     let out = DirOutput::create(&args.out).map_err(usage)?;
     let mut packer = Packer::new(out, args.shard_size_mib << 20).map_err(usage)?;
     let tokenizer = match &args.tokenizer {
@@ -260,6 +268,14 @@ pub fn run(args: Args) -> Result<(), CliError> {
     for t in &tensors {
         let bytes = t.read(&mut inputs)?;
         let source = t.source.dtype;
+        if let Some(q) = quantizer.as_mut()
+            && let Some(parts) = q.apply(&t.name, source, &t.shape, &bytes)?
+        {
+            for (name, dtype, shape, bytes) in parts {
+                packer.add(&name, dtype, &shape, &bytes).map_err(usage)?;
+            }
+            continue;
+        }
         let (dtype, bytes) = match target {
             Some(to) if source.is_convertible_float() && source != to => {
                 let converted = unifusion_weights::dtype::convert_float(&bytes, source, to)
@@ -297,6 +313,9 @@ pub fn run(args: Args) -> Result<(), CliError> {
         largest,
         args.out.display()
     );
+    if let Some(q) = &quantizer {
+        println!("{}", q.summary());
+    }
     if let Some(first) = dropped.first() {
         println!(
             "dropped {} tensors that are no transformer weights (e.g. `{first}`)",

@@ -213,6 +213,7 @@ pub struct Manifest {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ComponentSummary {
     pub tensors: usize,
+    /// Weights: a quantized `.q4` byte counts as two, `.scales` as none (`quant::logical_parameters`).
     pub parameters: u64,
     pub bytes: u64,
 }
@@ -411,7 +412,7 @@ impl Manifest {
             let component = t.name.split('.').next().unwrap_or_default().to_owned();
             let c = out.entry(component).or_default();
             c.tensors += 1;
-            c.parameters += t.element_count();
+            c.parameters += crate::quant::logical_parameters(&t.name, t.element_count());
             c.bytes += t.byte_size();
         }
         out
