@@ -8,7 +8,7 @@ use unifusion_model::pipeline::tasks::ZERO_SHOT_DEFAULT_PERCENT;
 
 use crate::CliError;
 use crate::generate::{SampleArgs, run_task};
-use crate::png_meta::read_image;
+use crate::image_io::read_image;
 
 #[derive(clap::Args, Debug)]
 pub struct EditArgs {

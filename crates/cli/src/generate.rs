@@ -25,7 +25,7 @@ use unifusion_weights::native::{DirSource, MANIFEST_FILE, read_bounded, read_man
 
 use crate::CliError;
 use crate::device::Backend;
-use crate::png_meta::{io_words, write_png};
+use crate::image_io::{io_words, write_png};
 use unifusion_model::vlm::processor::VlmTokenizer;
 
 /// How the tapped layers are pooled.

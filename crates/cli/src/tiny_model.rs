@@ -23,7 +23,7 @@ use unifusion_weights::native::DirOutput;
 use unifusion_weights::{Dtype, ModelInfo, PackError, Packer};
 
 use crate::CliError;
-use crate::png_meta::io_words;
+use crate::image_io::io_words;
 
 /// The byte-level BPE tokenizer of the tiny VLM (256 byte tokens + the chat specials
 /// `<|im_start|>` 256, `<|im_end|>` 257, `<img>` 258, `</img>` 259, `<IMG_CONTEXT>` 260).

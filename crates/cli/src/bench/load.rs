@@ -10,11 +10,19 @@ use std::process::Command;
 use std::time::Instant;
 
 use burn::tensor::{Device, Tensor};
+use unifusion_model::generator::Krea2Transformer;
+use unifusion_model::generator::params::{LoadError as ParamLoadError, ParamSource};
+use unifusion_model::generator::tiny_vae::TinyDecoder;
+use unifusion_model::load::load_packed;
+use unifusion_model::pipeline::{VaeConfig, every_third_layer};
+use unifusion_model::vlm::{InternVl, Weights};
 use unifusion_weights::burn_sink::tensor_data;
-use unifusion_weights::native::{DirOutput, DirSource, read_manifest};
-use unifusion_weights::{CountingSink, Dtype, ModelInfo, Packer, TensorSink, load};
+use unifusion_weights::dtype::convert_float;
+use unifusion_weights::native::{DirOutput, DirSource, read_bounded, read_manifest};
+use unifusion_weights::{CountingSink, Dtype, LoadStats, ModelInfo, Packer, TensorSink, load};
 
 use crate::CliError;
+use crate::tiny_model::{TINY_TOKENIZER, tiny_config};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum SinkKind {
@@ -22,6 +30,9 @@ pub enum SinkKind {
     Count,
     /// Keep every tensor on burn's Flex device (host memory, so the model itself counts).
     Flex,
+    /// The model's own sink (`unifusion_model::load`): every tensor to the Flex device, then
+    /// the whole UniFusion pipeline built from them.
+    Model,
 }
 
 #[derive(clap::Args)]
@@ -106,6 +117,33 @@ fn child(dir: &Path, sink: SinkKind) -> Result<(), CliError> {
             let stats = pollster::block_on(load(&manifest, &mut source, &mut s, None, |_| {}))
                 .map_err(|e| CliError::Usage(e.to_string()))?;
             (stats, 0)
+        }
+        SinkKind::Model => {
+            let entry = manifest
+                .tokenizer
+                .clone()
+                .ok_or_else(|| CliError::Usage("the manifest names no tokenizer".into()))?;
+            let tokenizer = read_bounded(&source.dir.join(&entry.file), entry.bytes)
+                .map_err(|e| CliError::Usage(e.to_string()))?;
+            let device = Device::flex();
+            let loaded = pollster::block_on(load_packed(
+                &manifest,
+                &mut source,
+                &tokenizer,
+                &device,
+                |_| {},
+            ))
+            .map_err(|e| CliError::Usage(e.to_string()))?;
+            let params: u64 = manifest.tensors().map(|t| t.element_count()).sum();
+            drop(loaded);
+            let stats = LoadStats {
+                shards: manifest.shards.len(),
+                tensors: manifest.tensors().count(),
+                bytes: manifest.total_shard_bytes(),
+                largest_shard: manifest.shards.iter().map(|s| s.bytes).max().unwrap_or(0),
+            };
+            // Flex holds the model in f32.
+            (stats, params * 4)
         }
         SinkKind::Flex => {
             let mut s = FlexSink {
@@ -201,11 +239,106 @@ fn generate(dir: &Path, size_mb: u64, shard_mib: u64, embedding: bool) -> Result
     Ok(())
 }
 
+/// Every tensor a loader asks for, answered with zeros.
+#[derive(Default)]
+struct ZeroRecorder {
+    asked: Vec<(String, Vec<usize>)>,
+}
+
+impl ParamSource for ZeroRecorder {
+    fn tensor<const D: usize>(
+        &mut self,
+        name: &str,
+        shape: [usize; D],
+        device: &Device,
+    ) -> Result<Tensor<D>, ParamLoadError> {
+        self.asked.push((name.to_string(), shape.to_vec()));
+        Ok(Tensor::zeros(shape, device))
+    }
+}
+
+/// A whole UniFusion model whose VLM has Qwen2.5-0.5B's language model (896 wide, 24
+/// layers, the 151 674-token tied embedding; ~494 M parameters) and the tiny model's vision
+/// tower, DiT and VAE: f16 random tensors, tensor names found by recording the loaders.
+fn generate_unifusion(dir: &Path, shard_mib: u64) -> Result<(), CliError> {
+    let err = |e: &dyn std::fmt::Display| CliError::Usage(e.to_string());
+    let mut config = tiny_config();
+    let text = &mut config.vlm.text_config;
+    text.vocab_size = 151_674;
+    text.hidden_size = 896;
+    text.intermediate_size = 4864;
+    text.num_hidden_layers = 24;
+    text.num_attention_heads = 14;
+    text.num_key_value_heads = Some(2);
+    text.tie_word_embeddings = true;
+    config.vlm.tie_word_embeddings = true;
+    let taps = every_third_layer(24);
+    config.transformer.text_hidden_dim = 896;
+    config.transformer.num_text_layers = taps.len();
+    config.pipeline.taps = taps;
+
+    let device = Device::flex();
+    let mut vlm = Weights::recording();
+    InternVl::load(&config.vlm, &mut vlm, &device).map_err(|e| err(&e))?;
+    let mut named: Vec<(String, Vec<usize>)> = vlm
+        .recorded()
+        .iter()
+        .map(|(n, s)| (format!("vlm.{n}"), s.clone()))
+        .collect();
+    let mut rec = ZeroRecorder::default();
+    Krea2Transformer::load(&config.transformer, &mut rec, &device).map_err(|e| err(&e))?;
+    named.extend(
+        rec.asked
+            .drain(..)
+            .map(|(n, s)| (format!("transformer.{n}"), s)),
+    );
+    let VaeConfig::Tiny(vae) = &config.vae else {
+        return Err(CliError::Usage("expected the tiny VAE".into()));
+    };
+    TinyDecoder::load(vae, &mut rec, "decoder", &device).map_err(|e| err(&e))?;
+    named.extend(rec.asked.drain(..).map(|(n, s)| (format!("vae.{n}"), s)));
+
+    let out = DirOutput::create(dir).map_err(|e| err(&e))?;
+    let mut p = Packer::new(out, shard_mib << 20).map_err(|e| err(&e))?;
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    for (name, shape) in named {
+        let n: usize = shape.iter().product();
+        // Random f16 bit patterns may be NaN/inf; small uniform values load like real ones.
+        let f32_bytes: Vec<u8> = random_bytes(&mut state, n * 2)
+            .chunks_exact(2)
+            .flat_map(|b| {
+                let u = f32::from(u16::from_le_bytes([b[0], b[1]])) / 65535.0 - 0.5;
+                (u * 0.04).to_le_bytes()
+            })
+            .collect();
+        let values = convert_float(&f32_bytes, Dtype::F32, Dtype::F16)
+            .ok_or_else(|| CliError::Usage("f32 → f16".into()))?;
+        let shape: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+        p.add(&name, Dtype::F16, &shape, &values)
+            .map_err(|e| err(&e))?;
+    }
+    let tokenizer = p
+        .add_file("json", TINY_TOKENIZER.as_bytes())
+        .map_err(|e| err(&e))?;
+    let config = serde_json::to_value(&config).map_err(|e| err(&e))?;
+    p.finish(
+        ModelInfo {
+            id: "bench-load-unifusion".into(),
+            version: "0".into(),
+        },
+        config,
+        Some(tokenizer),
+    )
+    .map_err(|e| err(&e))?;
+    Ok(())
+}
+
 fn measure(dir: &Path, sink: SinkKind) -> Result<serde_json::Value, CliError> {
     let exe = std::env::current_exe().map_err(|e| CliError::Usage(e.to_string()))?;
     let sink_name = match sink {
         SinkKind::Count => "count",
         SinkKind::Flex => "flex",
+        SinkKind::Model => "model",
     };
     let out = Command::new(exe)
         .args(["bench", "load", "--sink", sink_name, "--manifest"])
@@ -222,6 +355,33 @@ fn measure(dir: &Path, sink: SinkKind) -> Result<serde_json::Value, CliError> {
     serde_json::from_str(line.trim()).map_err(|e| CliError::Usage(format!("child output: {e}")))
 }
 
+/// One table row from a child's JSON.
+fn row(label: &str, sink: SinkKind, r: &serde_json::Value) {
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    let get = |k: &str| r.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+    let seconds = r
+        .get("seconds")
+        .and_then(serde_json::Value::as_f64)
+        .unwrap_or(0.0);
+    let peak = get("peak").saturating_sub(get("baseline"));
+    let kept = get("kept");
+    let over = peak.saturating_sub(kept);
+    let bound = get("largest_shard") + (32 << 20);
+    println!(
+        "| {label}, {:.0} MB | {} | {:.1} | {:?} | {:.1} | {:.1} | {:.1} | {} | {:.2} | {:.0} |",
+        get("bytes") as f64 / 1e6,
+        get("shards"),
+        mib(get("largest_shard")),
+        sink,
+        mib(kept),
+        mib(over),
+        mib(bound),
+        if over <= bound { "yes" } else { "NO" },
+        seconds,
+        get("bytes") as f64 / 1e6 / seconds.max(1e-9),
+    );
+}
+
 pub fn run(args: Args) -> Result<(), CliError> {
     if let Some(dir) = &args.manifest {
         return child(dir, args.sink);
@@ -231,7 +391,6 @@ pub fn run(args: Args) -> Result<(), CliError> {
         .clone()
         .unwrap_or_else(std::env::temp_dir)
         .join(format!("unifusion-bench-load-{}", std::process::id()));
-    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     println!(
         "Streaming load, native files, f16 random tensors; MiB; peak = VmHWM − RSS before the load\n"
     );
@@ -245,31 +404,19 @@ pub fn run(args: Args) -> Result<(), CliError> {
             generate(&dir, args.size_mb, args.shard_size_mib, embedding)?;
             for sink in [SinkKind::Count, SinkKind::Flex] {
                 let r = measure(&dir, sink)?;
-                let get = |k: &str| r.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
-                let seconds = r
-                    .get("seconds")
-                    .and_then(serde_json::Value::as_f64)
-                    .unwrap_or(0.0);
-                let peak = get("peak").saturating_sub(get("baseline"));
-                let kept = get("kept");
-                let over = peak.saturating_sub(kept);
-                let bound = get("largest_shard") + (32 << 20);
-                println!(
-                    "| {label}, {:.0} MB | {} | {:.1} | {:?} | {:.1} | {:.1} | {:.1} | {} | {:.2} | {:.0} |",
-                    get("bytes") as f64 / 1e6,
-                    get("shards"),
-                    mib(get("largest_shard")),
-                    sink,
-                    mib(kept),
-                    mib(over),
-                    mib(bound),
-                    if over <= bound { "yes" } else { "NO" },
-                    seconds,
-                    get("bytes") as f64 / 1e6 / seconds.max(1e-9),
-                );
+                row(label, sink, &r);
             }
             let _ = std::fs::remove_dir_all(&dir);
         }
+        let label = "UniFusion, Qwen2.5-0.5B-sized VLM";
+        let dir = root.join("unifusion");
+        generate_unifusion(&dir, args.shard_size_mib)?;
+        let sinks = [SinkKind::Count, SinkKind::Model];
+        for sink in sinks {
+            let r = measure(&dir, sink)?;
+            row(label, sink, &r);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     })();
     let _ = std::fs::remove_dir_all(&root);
