@@ -347,6 +347,11 @@ function wire() {
 }
 
 async function main() {
+  if (params.get('app') === '0') {
+    // A bare page for tests of the page's modules (web/weights.js): no worker, no model.
+    setStatus('ok', 'App not started (app=0).');
+    return;
+  }
   wire();
   setBusy(false);
   if (!('gpu' in navigator)) {

@@ -137,8 +137,9 @@ export interface CacheInfo {
   persisted: boolean;
 }
 
-/** An error with a stable `code`: `no-webgpu`, `no-adapter`, `too-large`, `device-lost`,
- *  `worker-crashed`, `hash`, `http`, `network`, `bad-manifest`, `cancelled`, or null. */
+/** An error with a stable `code`: `no-webgpu`, `no-adapter`, `too-large`, `out-of-memory`,
+ *  `device-lost`, `worker-crashed`, `wasm-trap`, `hash`, `http`, `network`, `bad-manifest`,
+ *  `cancelled`, or null. A lost device, crash or trap is retried once on a new worker. */
 export class UniFusionError extends Error {
   code: string | null;
 }

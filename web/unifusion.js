@@ -177,8 +177,14 @@ export class UniFusion {
     try {
       return await call();
     } catch (error) {
-      if (!['device-lost', 'worker-crashed'].includes(error?.code)) throw error;
-      await this.recover(`The GPU device was lost (${error.message}); reloading the model from the cache.`);
+      if (error?.code === 'out-of-memory') {
+        // Plainly reported, not retried (the same request would run out again); the device
+        // is rebuilt so the next request starts clean.
+        await this.recover('The GPU ran out of memory; the model was reloaded from the cache.');
+        throw error;
+      }
+      if (!['device-lost', 'worker-crashed', 'wasm-trap'].includes(error?.code)) throw error;
+      await this.recover(`The GPU device was lost or the model crashed (${error.message}); reloading the model from the cache.`);
       return call();
     }
   }

@@ -264,10 +264,17 @@ export async function loadWeights(manifestUrl, options = {}) {
     manifest = (await get(db, MANIFESTS, url)).manifest;
     notice('The model server is unreachable; using the cached copy of the model.');
   } else {
+    db?.close();
     const why = response ? `HTTP ${response.status}` : 'the server is unreachable';
     throw new WeightsError('http', `Could not fetch the model manifest (${why}).`, { url });
   }
-  const entries = checkManifest(manifest);
+  let entries;
+  try {
+    entries = checkManifest(manifest);
+  } catch (error) {
+    db?.close();
+    throw error;
+  }
   const base = new URL('.', url);
   if (options.onManifest) {
     try {

@@ -46,16 +46,30 @@ async function handle(message, signal) {
   }
 }
 
+// A Rust panic is printed by console_error_panic_hook, then the wasm call traps with a bare
+// "unreachable": keep the printed message to say what happened.
+let lastPanic = null;
+const consoleError = console.error.bind(console);
+console.error = (...args) => {
+  lastPanic = args.map(String).join(' ');
+  consoleError(...args);
+};
+
 function describe(error, signal) {
   if (signal.aborted) return { name: 'AbortError', code: 'cancelled', message: 'Cancelled.' };
-  const message = String(error?.message ?? error);
-  // burn/wgpu report a lost device in their own words; the page recreates the worker.
-  const lost = /device (is |was )?lost|DeviceLost|lost the device/i.test(message);
-  return {
-    name: error?.name ?? 'Error',
-    code: lost ? 'device-lost' : (error?.code ?? null),
-    message,
-  };
+  const trap = error instanceof WebAssembly.RuntimeError;
+  const message = trap && lastPanic ? lastPanic : String(error?.message ?? error);
+  lastPanic = null;
+  // burn/wgpu say these in their own words. After any of them (or a trap) the wasm state is not
+  // to be trusted: the page replaces the worker and reloads the model from the cache.
+  if (/out of memory|OutOfMemory/i.test(message)) {
+    return { name: 'Error', code: 'out-of-memory', message: `The GPU ran out of memory (${message}). Try a smaller size or fewer images.` };
+  }
+  if (/device (is |was |has been )?lost|DeviceLost|lost the device/i.test(message)) {
+    return { name: 'Error', code: 'device-lost', message };
+  }
+  if (trap) return { name: 'Error', code: 'wasm-trap', message: `The model stopped with an internal error: ${message}` };
+  return { name: error?.name ?? 'Error', code: error?.code ?? null, message };
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -113,7 +113,7 @@ const totalBytes = () => all().reduce((n, e) => n + e.bytes, 0);
 
 test('a first load downloads and verifies everything; a reload and an offline load download nothing', { timeout: 120_000 }, async (t) => {
   const rec = recorder();
-  const session = await openPage(t, '/', { models, intercept: rec.intercept });
+  const session = await openPage(t, '/?app=0', { models, intercept: rec.intercept });
   const first = await load(session.page);
   assert.equal(first.error, undefined, JSON.stringify(first.error));
   assert.equal(first.result.downloadedBytes, totalBytes());
@@ -162,7 +162,7 @@ test('a connection that closes mid-shard resumes with a Range request', { timeou
     closeEarly(res, big.data, cut);
     return true;
   });
-  const session = await openPage(t, '/', { models, intercept: rec.intercept });
+  const session = await openPage(t, '/?app=0', { models, intercept: rec.intercept });
   const out = await load(session.page);
   assert.equal(out.error, undefined, JSON.stringify(out.error));
   assertDelivered(out, all());
@@ -192,7 +192,7 @@ test('a download that keeps failing keeps its prefix; the next visit resumes fro
     }
     return true;
   });
-  const session = await openPage(t, '/', { models, intercept: rec.intercept });
+  const session = await openPage(t, '/?app=0', { models, intercept: rec.intercept });
   const failed = await load(session.page);
   assert.equal(failed.error?.code, 'network');
   assert.equal(failed.error.file, big.file);
@@ -220,7 +220,7 @@ test('damaged bytes are refetched and never cached; a damaged cache entry is rep
     res.end(bad);
     return true;
   });
-  const session = await openPage(t, '/', { models, intercept: rec.intercept });
+  const session = await openPage(t, '/?app=0', { models, intercept: rec.intercept });
   const out = await load(session.page);
   assert.equal(out.error, undefined, JSON.stringify(out.error));
   assert.equal(rec.count(victim.file), 2);
@@ -265,7 +265,7 @@ test('a CDN that always sends damaged data fails with a clear error and stores n
     res.end(bad);
     return true;
   });
-  const session = await openPage(t, '/', { models, intercept: rec.intercept });
+  const session = await openPage(t, '/?app=0', { models, intercept: rec.intercept });
   const out = await load(session.page);
   assert.equal(out.error?.code, 'hash');
   assert.equal(out.error.file, victim.file);
@@ -281,7 +281,7 @@ test('a CDN that always sends damaged data fails with a clear error and stores n
 });
 
 test('a full storage quota does not stop loading: it goes on uncached and says so', { timeout: 120_000 }, async (t) => {
-  const session = await openPage(t, '/', { models });
+  const session = await openPage(t, '/?app=0', { models });
   await session.page.evaluate(() => {
     IDBObjectStore.prototype.put = () => {
       throw new DOMException('quota', 'QuotaExceededError');
@@ -296,7 +296,7 @@ test('a full storage quota does not stop loading: it goes on uncached and says s
 });
 
 test('a new manifest version evicts shards nothing refers to any more', { timeout: 120_000 }, async (t) => {
-  const session = await openPage(t, '/', { models });
+  const session = await openPage(t, '/?app=0', { models });
   try {
     assert.equal((await load(session.page)).error, undefined);
     const added = await makeFile(70_000, 'safetensors');
@@ -313,7 +313,7 @@ test('a new manifest version evicts shards nothing refers to any more', { timeou
 });
 
 test('malformed and hostile manifests are refused with a clear error', { timeout: 120_000 }, async (t) => {
-  const session = await openPage(t, '/', { models });
+  const session = await openPage(t, '/?app=0', { models });
   const cases = [
     ['{not json', /not valid JSON/],
     [JSON.stringify({ format: 'other' }), /"format"/],

@@ -1,0 +1,333 @@
+// The app end to end in headless Chromium (SwiftShader WebGPU): the page loads the packed tiny
+// model (models/tiny, made by `unifusion make-tiny-model`) through the worker, generates,
+// edits and combines images, caches the weights, works offline, never sends an image, and
+// gives the same image as the native CLI for the same seed.
+//
+// Screenshots of the main states go to test-artifacts/browser/ (gitignored).
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { mkdir, mkdtemp, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { test } from 'node:test';
+import { promisify } from 'node:util';
+
+import { ROOT, openPage } from './harness.mjs';
+
+const ARTIFACTS = path.join(ROOT, 'test-artifacts', 'browser');
+const MODEL_DIR = path.join(ROOT, 'models', 'tiny');
+const MANIFEST = JSON.parse(await readFile(path.join(MODEL_DIR, 'manifest.json'), 'utf8'));
+const SHARD_FILES = new Set(MANIFEST.shards.map((s) => s.file));
+/** The request every test starts with: small, so SwiftShader finishes it in seconds. */
+const REQUEST = { prompt: 'a red cube on a table', steps: 4, seed: 3, width: 64, height: 48, guidance: 4.5 };
+
+async function shot(page, name) {
+  await mkdir(ARTIFACTS, { recursive: true });
+  await page.screenshot({ path: path.join(ARTIFACTS, `${name}.png`), fullPage: true });
+}
+
+/** Counts bytes the server sent per file name. */
+function byteCounter() {
+  const sent = new Map();
+  return {
+    onSent: ({ file, bytes }) => {
+      const name = path.basename(file);
+      sent.set(name, (sent.get(name) ?? 0) + bytes);
+    },
+    shardBytes: () => [...sent].filter(([n]) => SHARD_FILES.has(n)).reduce((s, [, b]) => s + b, 0),
+    reset: () => sent.clear(),
+  };
+}
+
+async function waitForModel(session) {
+  const { page } = session;
+  await page.waitForFunction(() => window.unifusion?.model || window.unifusion?.error, null, { timeout: 300_000 });
+  const error = await page.evaluate(() => window.unifusion.error);
+  assert.equal(error, null, `page error: ${error}\n${session.console.join('\n')}`);
+}
+
+async function fillRequest(page, r = REQUEST) {
+  await page.fill('#prompt', r.prompt);
+  for (const key of ['steps', 'seed', 'width', 'height', 'guidance']) await page.fill(`#${key}`, String(r[key]));
+}
+
+/** Clicks `button`, waits for the gallery to grow; returns the new result with pixel stats. */
+async function runFromUi(session, button = '#generate') {
+  const { page } = session;
+  const before = await page.evaluate(() => window.unifusion.results.length);
+  await page.click(button);
+  await page.waitForFunction(
+    (n) => window.unifusion.results.length > n || (window.unifusion.error && !window.unifusion.busy),
+    before,
+    { timeout: 300_000 },
+  );
+  const error = await page.evaluate(() => window.unifusion.error);
+  assert.equal(error, null, `page error: ${error}\n${session.console.join('\n')}`);
+  return page.evaluate(async () => {
+    const r = window.unifusion.results.at(-1);
+    const { readTextChunks } = await import('/web/png.js');
+    const bitmap = await createImageBitmap(new Blob([r.png], { type: 'image/png' }));
+    const canvas = new OffscreenCanvas(bitmap.width, bitmap.height);
+    const ctx = canvas.getContext('2d');
+    ctx.drawImage(bitmap, 0, 0);
+    const data = ctx.getImageData(0, 0, bitmap.width, bitmap.height).data;
+    const distinct = new Set();
+    for (let i = 0; i < data.length; i += 4) distinct.add((data[i] << 16) | (data[i + 1] << 8) | data[i + 2]);
+    return {
+      task: r.task,
+      width: bitmap.width,
+      height: bitmap.height,
+      distinctColours: distinct.size,
+      rgba: Array.from(data),
+      text: readTextChunks(r.png),
+      rewriteShown: document.querySelector('#rewrite-box').hidden ? null : document.querySelector('#rewrite').textContent,
+      rewrite: r.rewrite,
+    };
+  });
+}
+
+test('load → generate → reload from the cache (zero shard bytes) → offline', { timeout: 900_000 }, async (t) => {
+  const bytes = byteCounter();
+  const session = await openPage(t, '/', { onSent: bytes.onSent });
+  const { page } = session;
+  await page.setViewportSize({ width: 1100, height: 1250 });
+  await waitForModel(session);
+  const model = await page.evaluate(() => window.unifusion.model);
+  assert.equal(model.shards, MANIFEST.shards.length);
+  assert.ok(model.shards >= 4, 'the test model streams in several shards');
+  assert.equal(model.fromCache, 0);
+  const shardTotal = MANIFEST.shards.reduce((n, s) => n + s.bytes, 0);
+  assert.equal(bytes.shardBytes(), shardTotal, 'each shard was downloaded once');
+  assert.match(await page.textContent('#load-text'), /downloaded/);
+  assert.match(await page.textContent('#selftest-summary'), /self-test passed/);
+  await shot(page, '1-model-loaded');
+
+  await fillRequest(page);
+  const first = await runFromUi(session);
+  await shot(page, '2-generated');
+  assert.equal(first.task, 'text-to-image');
+  assert.equal(first.width, REQUEST.width);
+  assert.equal(first.height, REQUEST.height);
+  assert.ok(first.distinctColours > 50, `the image is not constant (${first.distinctColours} colours)`);
+  assert.ok(first.rewrite.length > 0, 'VERIFI wrote something');
+  assert.equal(first.rewriteShown, first.rewrite, 'the rewrite is shown');
+  assert.equal(first.text.prompt, REQUEST.prompt, 'PNG tEXt prompt');
+  assert.equal(first.text.seed, String(REQUEST.seed), 'PNG tEXt seed');
+  assert.equal(first.text.rewritten_prompt, first.rewrite);
+  assert.match(await page.textContent('#cache-size'), /cached files/);
+
+  // A second visit: every shard from IndexedDB, nothing over the network; same seed, same image.
+  bytes.reset();
+  await page.reload();
+  await waitForModel(session);
+  const again = await page.evaluate(() => window.unifusion.model);
+  assert.equal(again.downloadedBytes, 0);
+  assert.equal(again.fromCache, MANIFEST.shards.length + 1, 'shards and tokenizer from the cache');
+  assert.equal(bytes.shardBytes(), 0, 'zero shard bytes served on reload');
+  await shot(page, '3-reloaded-from-cache');
+  await fillRequest(page);
+  const second = await runFromUi(session);
+  assert.deepEqual(second.rgba, first.rgba, 'same seed, same image after a reload');
+
+  // Offline: the server is gone; the model loads from the cache alone and still generates.
+  await session.context.setOffline(true);
+  session.server.close();
+  session.server.closeAllConnections?.();
+  const offline = await page.evaluate(async (r) => {
+    const uf = window.unifusion.uf;
+    const m = await uf.load('models/tiny/manifest.json');
+    const g = await uf.generate(r);
+    return { downloaded: m.downloadedBytes, fromCache: m.fromCache, notices: m.notices, w: g.image.width, data: Array.from(g.image.data) };
+  }, REQUEST);
+  assert.equal(offline.downloaded, 0);
+  assert.ok(offline.notices.some((n) => /unreachable/.test(n)), offline.notices.join('; '));
+  assert.deepEqual(offline.data, first.rgba, 'offline generation gives the same image');
+  assert.equal(session.pageErrors.length, 0, session.pageErrors.join('\n'));
+});
+
+/** A random-noise PNG made in the page (so no test image exists anywhere else). */
+async function makePng(page, width, height, seed) {
+  return Buffer.from(
+    await page.evaluate(
+      async ({ width, height, seed }) => {
+        const canvas = new OffscreenCanvas(width, height);
+        const ctx = canvas.getContext('2d');
+        const img = ctx.createImageData(width, height);
+        let s = seed;
+        for (let i = 0; i < img.data.length; i++) {
+          s = (s * 1103515245 + 12345) >>> 0;
+          img.data[i] = i % 4 === 3 ? 255 : s >>> 24;
+        }
+        ctx.putImageData(img, 0, 0);
+        return Array.from(new Uint8Array(await (await canvas.convertToBlob({ type: 'image/png' })).arrayBuffer()));
+      },
+      { width, height, seed },
+    ),
+  );
+}
+
+test('edit one uploaded image, combine two (picker, drop, paste); no image byte leaves the page', { timeout: 900_000 }, async (t) => {
+  const server = [];
+  const session = await openPage(t, '/');
+  session.server.on('request', (req) => {
+    const entry = { method: req.method, url: req.url, bodyBytes: 0 };
+    req.on('data', (chunk) => (entry.bodyBytes += chunk.length));
+    server.push(entry);
+  });
+  const { page } = session;
+  await page.setViewportSize({ width: 1100, height: 1350 });
+  await waitForModel(session);
+  const a = await makePng(page, 40, 30, 1);
+  const b = await makePng(page, 24, 36, 2);
+  const c = await makePng(page, 32, 32, 3);
+
+  // 1. The file picker.
+  await page.setInputFiles('#image-input', { name: 'a.png', mimeType: 'image/png', buffer: a });
+  // 2. Drag and drop; 3. paste.
+  await page.evaluate(
+    ({ b, c }) => {
+      const file = (bytes, name) => new File([new Uint8Array(bytes)], name, { type: 'image/png' });
+      const drop = new DataTransfer();
+      drop.items.add(file(b, 'b.png'));
+      document.querySelector('#dropzone').dispatchEvent(new DragEvent('drop', { dataTransfer: drop, bubbles: true, cancelable: true }));
+      const paste = new DataTransfer();
+      paste.items.add(file(c, 'c.png'));
+      document.dispatchEvent(new ClipboardEvent('paste', { clipboardData: paste, bubbles: true, cancelable: true }));
+    },
+    { b: Array.from(b), c: Array.from(c) },
+  );
+  assert.equal(await page.locator('#inputs li').count(), 3);
+  assert.match(await page.textContent('#generate'), /Combine 3 images/);
+  await shot(page, '4-three-inputs');
+
+  // Two images: multi-reference.
+  await page.click('#inputs li:nth-child(3) button');
+  assert.match(await page.textContent('#generate'), /Combine 2 images/);
+  await fillRequest(page, { ...REQUEST, prompt: 'put the first pattern on the second' });
+  const multi = await runFromUi(session);
+  assert.equal(multi.task, 'multi-reference');
+  assert.equal(multi.width, REQUEST.width);
+  assert.ok(multi.distinctColours > 50);
+  await shot(page, '5-multi-reference');
+
+  // One image: edit.
+  await page.click('#inputs li:nth-child(2) button');
+  assert.match(await page.textContent('#generate'), /^Edit$/);
+  await fillRequest(page, { ...REQUEST, prompt: 'make it blue' });
+  const edit = await runFromUi(session);
+  assert.equal(edit.task, 'edit');
+  assert.ok(edit.distinctColours > 50);
+  assert.equal(edit.text.task, 'edit');
+  assert.notDeepEqual(edit.rgba, multi.rgba);
+  await shot(page, '6-edit');
+
+  // Privacy: everything the browser asked for was a GET of the app or the model, without a body;
+  // the server agrees (it saw every request, from the page and the worker).
+  assert.ok(session.requests.some((r) => r.url.includes('/models/tiny/')), 'the request log sees the model fetches');
+  for (const r of session.requests) {
+    const url = new URL(r.url);
+    if (url.protocol === 'blob:' || url.protocol === 'data:') {
+      // Object URLs of the page's own thumbnails and gallery: read in memory, never sent.
+      assert.equal(url.origin, new URL(session.base).origin, r.url);
+      continue;
+    }
+    assert.equal(r.method, 'GET', `${r.method} ${r.url}`);
+    assert.equal(r.body, null, `a request body was sent to ${r.url}`);
+    assert.equal(url.origin, new URL(session.base).origin, `request to another origin: ${r.url}`);
+    assert.match(url.pathname, /^\/(|web\/.*|models\/.*)$/, r.url);
+    assert.equal(url.search, '', `query string sent: ${r.url}`);
+  }
+  assert.ok(server.length > 0);
+  for (const r of server) {
+    assert.ok(['GET', 'HEAD'].includes(r.method), `${r.method} ${r.url}`);
+    assert.equal(r.bodyBytes, 0, `${r.url} carried a body`);
+  }
+  assert.equal(session.pageErrors.length, 0, session.pageErrors.join('\n'));
+});
+
+test('refuses a model too large for the adapter before downloading it; cancel; recovery from a lost device reloads from the cache', { timeout: 600_000 }, async (t) => {
+  const bytes = byteCounter();
+  const session = await openPage(t, '/?autoload=0', { onSent: bytes.onSent });
+  const { page } = session;
+  await page.waitForFunction(() => window.unifusion?.uf || window.unifusion?.error, null, { timeout: 300_000 });
+  const refused = await page.evaluate(async () => {
+    try {
+      await window.unifusion.uf.load('models/tiny/manifest.json', { limits: { maxStorageBufferBindingSize: 1024 } });
+      return null;
+    } catch (e) {
+      return { code: e.code, message: e.message };
+    }
+  });
+  assert.equal(refused?.code, 'too-large', JSON.stringify(refused));
+  assert.match(refused.message, /does not fit this GPU/);
+  assert.equal(bytes.shardBytes(), 0, 'nothing downloaded');
+
+  const out = await page.evaluate(async () => {
+    const uf = window.unifusion.uf;
+    const r = { prompt: 'x', steps: 2, width: 32, height: 32, verifi: false, guidance: 1 };
+    const cold = await uf.load('models/tiny/manifest.json');
+    // Cancel: the promise rejects at once with an AbortError; the worker stops at its next step.
+    const control = new AbortController();
+    const cancelled = uf.generate(r, { signal: control.signal }).then(() => 'finished', (e) => e.name);
+    control.abort();
+    const cancelName = await cancelled;
+    // A lost device: a new worker (a new WebGPU device), the model reloaded from the cache.
+    const notices = [];
+    uf.onNotice = (n) => notices.push(n);
+    await uf.recover();
+    const g = await uf.generate(r);
+    return { cold: cold.downloadedBytes, cancelName, reloaded: uf.model, notices, size: [g.image.width, g.image.height] };
+  });
+  assert.ok(out.cold > 0);
+  assert.equal(out.cancelName, 'AbortError');
+  assert.equal(out.reloaded.downloadedBytes, 0, 'recovery reloads from the cache');
+  assert.equal(out.reloaded.fromCache, MANIFEST.shards.length + 1);
+  assert.equal(out.notices.length, 1);
+  assert.deepEqual(out.size, [32, 32]);
+});
+
+test('same seed, same image as the native CLI', { timeout: 900_000 }, async (t) => {
+  const out = await mkdtemp(path.join(tmpdir(), 'unifusion-native-'));
+  t.after(() => rm(out, { recursive: true, force: true }));
+  const png = path.join(out, 'native.png');
+  // The native reference on the same model, the same request (Flex: pure-Rust CPU backend).
+  await promisify(execFile)(
+    'bash',
+    ['scripts/unifusion.sh', 'generate', '--model', MODEL_DIR, '--prompt', REQUEST.prompt, '--steps', String(REQUEST.steps),
+      '--seed', String(REQUEST.seed), '--width', String(REQUEST.width), '--height', String(REQUEST.height),
+      '--guidance', String(REQUEST.guidance), '--backend', 'flex', '--quiet', '--out', png],
+    { cwd: ROOT, maxBuffer: 1 << 24 },
+  );
+  const native = await readFile(png);
+  const session = await openPage(t, '/?autoload=0');
+  const { page } = session;
+  await page.waitForFunction(() => window.unifusion?.uf || window.unifusion?.error, null, { timeout: 300_000 });
+  const cmp = await page.evaluate(
+    async ({ native, r }) => {
+      const uf = window.unifusion.uf;
+      await uf.load('models/tiny/manifest.json');
+      const g = await uf.generate(r);
+      const bitmap = await createImageBitmap(new Blob([new Uint8Array(native)], { type: 'image/png' }));
+      const canvas = new OffscreenCanvas(bitmap.width, bitmap.height);
+      const ctx = canvas.getContext('2d');
+      ctx.drawImage(bitmap, 0, 0);
+      const want = ctx.getImageData(0, 0, bitmap.width, bitmap.height).data;
+      let max = 0;
+      let sum = 0;
+      for (let i = 0; i < want.length; i++) {
+        if (i % 4 === 3) continue;
+        const d = Math.abs(want[i] - g.image.data[i]);
+        max = Math.max(max, d);
+        sum += d;
+      }
+      return { size: [bitmap.width, bitmap.height], got: [g.image.width, g.image.height], max, mean: sum / ((want.length / 4) * 3), rewrite: g.rewrite };
+    },
+    { native: Array.from(native), r: REQUEST },
+  );
+  assert.deepEqual(cmp.got, cmp.size);
+  // f32 on two different devices (SwiftShader WebGPU vs Flex on the CPU): rounding differs a
+  // little, and RGB8 rounding turns that into ±1 here and there (measured: mean 0.007, max 1).
+  assert.ok(cmp.mean <= 0.25, `mean |browser − native| = ${cmp.mean.toFixed(3)} (max ${cmp.max})`);
+  assert.ok(cmp.max <= 4, `max |browser − native| = ${cmp.max} (mean ${cmp.mean.toFixed(3)})`);
+  t.diagnostic(`browser vs native: mean ${cmp.mean.toFixed(3)}, max ${cmp.max}`);
+});
