@@ -6,8 +6,10 @@
 //! scales f16 pairs in `u32` words, both held as flat `Int` tensors.
 //!
 //! Kernels: `shaders/dequant_matvec.wgsl` for up to [`MATVEC_MAX_ROWS`] rows of `x` (decode
-//! steps: every weight word read once for all rows), `shaders/dequant_matmul.wgsl` (32×32 tiles
-//! staged in workgroup memory) above that. Reference: [`dequant_matmul_reference`], which
+//! steps: every weight word read once for all rows); above that `shaders/dequant.wgsl` expands
+//! the weight to f32 for burn's matmul ([`Variant::Dequant`], faster on lavapipe than the
+//! one-pass `shaders/dequant_matmul.wgsl`, 32×32 tiles staged in workgroup memory, which stays
+//! tested and selectable with [`fused_variant`]). Reference: [`dequant_matmul_reference`], which
 //! unpacks the words with burn integer ops and calls burn's matmul; it runs on every other
 //! device (Flex, autodiff) and is what the kernels are tested against.
 
@@ -229,7 +231,7 @@ pub fn dequant_matmul_fused(
     let variant = if x.dims()[0] <= MATVEC_MAX_ROWS {
         Variant::Matvec
     } else {
-        Variant::Tiled
+        Variant::Dequant
     };
     fused_variant(x, layer, variant)
 }
@@ -241,6 +243,9 @@ pub enum Variant {
     Matvec,
     /// `dequant_matmul.wgsl`, 32×32 output tiles.
     Tiled,
+    /// `dequant.wgsl` expands the weight to f32, then the backend's matmul: for many rows,
+    /// where burn's tuned matmul beats the one-pass tiled kernel (measured on lavapipe).
+    Dequant,
 }
 
 /// The kernel with an explicit variant (tests and benchmarks compare both on every shape).
@@ -265,6 +270,14 @@ pub fn fused_variant(
         });
     }
     check_layout(layer)?;
+    if variant == Variant::Dequant {
+        let w = dequantize_fused(layer)?;
+        let y = x.matmul(w.transpose());
+        return Ok(match &layer.bias {
+            Some(b) => y + b.val().unsqueeze::<2>(),
+            None => y,
+        });
+    }
     let x = x
         .try_into_primitive::<Wgpu>()
         .map_err(|_| QuantKernelError::NotWgpu)?;
@@ -301,6 +314,60 @@ pub fn fused_variant(
     Ok(Tensor::from_primitive::<Wgpu>(launch(
         x, words, scales, bias, shape, variant,
     )))
+}
+
+/// The layer's weight `[d_out, d_in]` in f32, by `shaders/dequant.wgsl`.
+pub fn dequantize_fused(layer: &QuantLinear) -> Result<Tensor<2>, QuantKernelError> {
+    check_layout(layer)?;
+    for t in [&layer.words, &layer.scales] {
+        if t.dtype().size() != 4 {
+            return Err(QuantKernelError::UnsupportedDType(t.dtype()));
+        }
+    }
+    let words = layer
+        .words
+        .clone()
+        .try_into_primitive::<Wgpu>()
+        .map_err(|_| QuantKernelError::NotWgpu)?;
+    let scales = layer
+        .scales
+        .clone()
+        .try_into_primitive::<Wgpu>()
+        .map_err(|_| QuantKernelError::NotWgpu)?;
+    let words = into_contiguous(words);
+    let scales = into_contiguous(scales);
+    let (n, k) = (layer.d_out, layer.d_in);
+    let client = words.client.clone();
+    let buffer = client.empty(n * k * DType::F32.size());
+    let output = CubeTensor::new_contiguous(
+        client.clone(),
+        words.device.clone(),
+        Shape::new([n, k]),
+        buffer,
+        DType::F32,
+    );
+    let info = [n as u32, k as u32, layer.group as u32];
+    let info = client.create_from_slice(bytemuck::cast_slice(&info));
+    let n_words = n * k / (32 / layer.bits as usize);
+    let (gx, gy) = grid(n_words.div_ceil(256));
+    client.launch(
+        Box::new(SourceKernel::new(
+            DequantKernel {
+                bits: layer.bits,
+                variant: Variant::Dequant,
+                rows: 1,
+            },
+            CubeDim::new_1d(256),
+        )),
+        CubeCount::Static(gx, gy, 1),
+        KernelArguments::new().with_buffers(vec![
+            words.handle.binding(),
+            scales.handle.binding(),
+            output.handle.clone().binding(),
+            info.binding(),
+        ]),
+    );
+    Ok(Tensor::from_primitive::<Wgpu>(output))
 }
 
 fn check_layout(layer: &QuantLinear) -> Result<(), QuantKernelError> {
@@ -362,6 +429,7 @@ impl KernelSource for DequantKernel {
         let text = match self.variant {
             Variant::Matvec => include_str!("../../../shaders/dequant_matvec.wgsl"),
             Variant::Tiled => include_str!("../../../shaders/dequant_matmul.wgsl"),
+            Variant::Dequant => include_str!("../../../shaders/dequant.wgsl"),
         };
         SourceTemplate::new(text)
             .register("bits", self.bits.to_string())
@@ -414,12 +482,14 @@ fn launch(
         Some(b) => into_contiguous(b).handle.binding(),
         None => client.create_from_slice(&[0u8; 4]).binding(),
     };
+    // Variant::Dequant never gets here (fused_variant runs it as dequantize_fused + matmul);
+    // it shares the Tiled arms below only to keep the matches total.
     let (blocks, rows, z) = match variant {
         Variant::Matvec => {
             let rows = s.m.min(MATVEC_MAX_ROWS).next_power_of_two();
             (s.n.div_ceil(MATVEC_COLS), rows, s.m.div_ceil(rows))
         }
-        Variant::Tiled => (s.n.div_ceil(TILE) * s.m.div_ceil(TILE), 1, 1),
+        Variant::Tiled | Variant::Dequant => (s.n.div_ceil(TILE) * s.m.div_ceil(TILE), 1, 1),
     };
     let info = [
         s.m as u32,
@@ -429,14 +499,14 @@ fn launch(
         has_bias,
         match variant {
             Variant::Matvec => blocks as u32,
-            Variant::Tiled => s.n.div_ceil(TILE) as u32,
+            Variant::Tiled | Variant::Dequant => s.n.div_ceil(TILE) as u32,
         },
     ];
     let info = client.create_from_slice(bytemuck::cast_slice(&info));
     let (gx, gy) = grid(blocks);
     let cube_dim = match variant {
         Variant::Matvec => CubeDim::new_1d(64),
-        Variant::Tiled => CubeDim::new_2d(8, 8),
+        Variant::Tiled | Variant::Dequant => CubeDim::new_2d(8, 8),
     };
     client.launch(
         Box::new(SourceKernel::new(

@@ -104,7 +104,7 @@ fn both_kernels_match_f64_on_wgpu() {
             let c = case(m, n, k, g, bits, i % 2 == 0);
             let want = expected(&c);
             let l = layer(&c, &device);
-            for variant in [Variant::Matvec, Variant::Tiled] {
+            for variant in [Variant::Matvec, Variant::Tiled, Variant::Dequant] {
                 let y = fused_variant(input(&c, &device), &l, variant).expect("kernel runs");
                 assert_close(y, &want, &format!("{bits:?} {variant:?} {m}x{n}x{k} g{g}"));
             }
@@ -142,6 +142,10 @@ fn tensor_op_dequantize_is_exact() {
                 .try_into_vec::<f32>()
                 .expect("f32");
             assert_eq!(got, c.q.dequantize(), "{bits:?} on {device:?}");
+            if let Ok(w) = dequantize_fused(&layer(&c, &device)) {
+                let got = w.into_data().try_into_vec::<f32>().expect("f32");
+                assert_eq!(got, c.q.dequantize(), "{bits:?} dequant.wgsl");
+            }
         }
     }
 }

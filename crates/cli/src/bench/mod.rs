@@ -13,6 +13,7 @@ use crate::CliError;
 mod dit;
 mod kernels;
 mod load;
+mod quant;
 mod vlm;
 
 #[derive(Subcommand)]
@@ -25,6 +26,8 @@ pub enum Bench {
     Dit(dit::Args),
     /// VLM prefill and decode tokens/s beside PyTorch CPU (transformers).
     Vlm(vlm::Args),
+    /// int8/int4 Linears: fixture output error vs f32, weight bytes, dequant-matmul speed.
+    Quant(quant::Args),
 }
 
 pub fn run(bench: Bench) -> Result<(), CliError> {
@@ -33,6 +36,7 @@ pub fn run(bench: Bench) -> Result<(), CliError> {
         Bench::Load(args) => load::run(args),
         Bench::Dit(args) => dit::run(args),
         Bench::Vlm(args) => vlm::run(args),
+        Bench::Quant(args) => quant::run(args),
     }
 }
 
