@@ -49,6 +49,9 @@ pub struct Args {
     /// Override every training stage's step count (quick experiments and timing).
     #[arg(long)]
     pub steps: Option<usize>,
+    /// Stop (checkpointed, resumable) after the first step past this many minutes.
+    #[arg(long)]
+    pub time_limit_min: Option<f64>,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -120,7 +123,10 @@ pub fn run(args: Args) -> Result<(), CliError> {
             b.set_message(format!("loss {:.4} (avg {:.4})", p.loss, p.smooth));
         }
     };
-    let reports = recipe::run(&args.out, &config, &stages, &mut progress)
+    let deadline = args
+        .time_limit_min
+        .map(|m| std::time::Instant::now() + std::time::Duration::from_secs_f64(m.max(0.0) * 60.0));
+    let reports = recipe::run(&args.out, &config, &stages, deadline, &mut progress)
         .map_err(|e| CliError::Device(e.to_string()))?;
     if let Some((_, b)) = bar.take() {
         b.finish();
@@ -134,6 +140,13 @@ pub fn run(args: Args) -> Result<(), CliError> {
             r.first_loss,
             r.last_loss,
             r.details
+        );
+    }
+    let done: Vec<StageName> = reports.iter().map(|r| r.stage).collect();
+    if let Some(left) = stages.iter().find(|s| !done.contains(s)) {
+        println!(
+            "stopped at the time limit during `{}`; run the same command again to resume",
+            left.as_str()
         );
     }
     println!("wrote {}", args.out.display());

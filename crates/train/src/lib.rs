@@ -16,6 +16,7 @@
 pub mod curve;
 pub mod data;
 pub mod dit;
+pub mod eval;
 pub mod named;
 pub mod recipe;
 pub mod tokenizer;

@@ -3,7 +3,7 @@
 //! checkpoint when it was interrupted. Deterministic by seed (and backend).
 //!
 //! ```text
-//! out/recipe.json                 the settings (a rerun must match them)
+//! out/recipe.json                 the settings of the latest run
 //! out/tokenizer/tokenizer.json    stage 1
 //! out/vae/                        checkpoint/, loss.csv, loss.png, report.json, autoencoder.safetensors
 //! out/vlm/                        checkpoint/, loss.csv, loss.png, report.json, vlm.safetensors
@@ -21,7 +21,7 @@ use unifusion_model::pipeline::{PipelineConfig, UniFusionConfig, VaeConfig, ever
 use unifusion_model::vlm::{InternVl, Weights};
 
 use crate::dit::{DitStage, DitStageConfig, Frozen};
-use crate::trainer::{Progress, run_stage, write_atomic};
+use crate::trainer::{Limit, Progress, run_stage_until, write_atomic};
 use crate::vae::{VaeStage, VaeStageConfig};
 use crate::vlm::{VlmStage, VlmStageConfig};
 use crate::{Backend, TrainError, named};
@@ -119,6 +119,25 @@ impl RecipeConfig {
         }
     }
 
+    /// What a stage's output depends on: seed, backend, its own and earlier stages' settings.
+    pub fn stage_settings(&self, stage: StageName) -> serde_json::Value {
+        let mut v = serde_json::json!({"seed": self.seed, "backend": self.backend});
+        let upto = |s: StageName| s <= stage;
+        if upto(StageName::Tokenizer) {
+            v["tokenizer"] = serde_json::json!(self.tokenizer);
+        }
+        if upto(StageName::Vae) {
+            v["vae"] = serde_json::json!(self.vae);
+        }
+        if upto(StageName::Vlm) {
+            v["vlm"] = serde_json::json!(self.vlm);
+        }
+        if upto(StageName::Dit) {
+            v["dit"] = serde_json::json!(self.dit);
+        }
+        v
+    }
+
     /// The VLM taps LAP reads (every third hidden state).
     pub fn taps(&self) -> Vec<usize> {
         every_third_layer(self.vlm.vlm.text_config.num_hidden_layers)
@@ -189,29 +208,19 @@ fn write_json(path: &Path, value: &impl Serialize) -> Result<(), TrainError> {
 }
 
 /// Runs `stages` of `config` under `out`; `progress(stage, p)` after every step.
+///
+/// With a `deadline`, a stage stops (checkpointed) after the first step past it and the
+/// recipe returns without its report; the same call later resumes it.
 pub fn run(
     out: &Path,
     config: &RecipeConfig,
     stages: &[StageName],
+    deadline: Option<Instant>,
     progress: &mut dyn FnMut(StageName, Progress),
 ) -> Result<Vec<StageReport>, TrainError> {
     config.validate()?;
     std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
-    let recipe_path = out.join("recipe.json");
-    if recipe_path.exists() {
-        let text =
-            std::fs::read_to_string(&recipe_path).map_err(|e| TrainError::io(&recipe_path, e))?;
-        let saved: RecipeConfig = serde_json::from_str(&text)
-            .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", recipe_path.display())))?;
-        if &saved != config {
-            return Err(TrainError::Checkpoint(format!(
-                "{} holds other settings (seed, backend or sizes) than this run; use another --out",
-                recipe_path.display()
-            )));
-        }
-    } else {
-        write_json(&recipe_path, config)?;
-    }
+    write_json(&out.join("recipe.json"), config)?;
     let mut reports = Vec::new();
     for &stage in StageName::ALL.iter().filter(|s| stages.contains(s)) {
         let dir = out.join(stage.as_str());
@@ -225,17 +234,47 @@ pub fn run(
             continue;
         }
         std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+        check_stage_settings(&dir, &config.stage_settings(stage))?;
+        let limit = Limit {
+            stop_step: usize::MAX,
+            deadline,
+        };
+        let mut p = |x: Progress| progress(stage, x);
         let report = match stage {
-            StageName::Tokenizer => run_tokenizer(&dir, config)?,
-            StageName::Vae => run_vae(&dir, config, &mut |p| progress(stage, p))?,
-            StageName::Vlm => run_vlm(out, &dir, config, &mut |p| progress(stage, p))?,
-            StageName::Dit => run_dit(out, &dir, config, &mut |p| progress(stage, p))?,
+            StageName::Tokenizer => Some(run_tokenizer(&dir, config)?),
+            StageName::Vae => run_vae(&dir, config, limit, &mut p)?,
+            StageName::Vlm => run_vlm(out, &dir, config, limit, &mut p)?,
+            StageName::Dit => run_dit(out, &dir, config, limit, &mut p)?,
+        };
+        let Some(report) = report else {
+            // Stopped by the deadline: no report, the next run resumes this stage.
+            return Ok(reports);
         };
         write_json(&report_path, &report)?;
         reports.push(report);
     }
     write_model_dir(out, config)?;
     Ok(reports)
+}
+
+/// A stage's directory belongs to one set of settings: `stage.json` records them when the
+/// stage starts, and a resume with other settings is refused (a later stage's settings may
+/// change while an earlier stage's output is reused).
+fn check_stage_settings(dir: &Path, settings: &serde_json::Value) -> Result<(), TrainError> {
+    let path = dir.join("stage.json");
+    if path.exists() {
+        let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
+        let saved: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
+        if &saved != settings {
+            return Err(TrainError::Checkpoint(format!(
+                "{} was trained with other settings (seed, backend or the stage's config); use another --out or delete that directory",
+                dir.display()
+            )));
+        }
+        return Ok(());
+    }
+    write_json(&path, settings)
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TrainError> {
@@ -273,26 +312,30 @@ fn run_vlm(
     out: &Path,
     dir: &Path,
     config: &RecipeConfig,
+    limit: Limit,
     progress: &mut dyn FnMut(Progress),
-) -> Result<StageReport, TrainError> {
+) -> Result<Option<StageReport>, TrainError> {
     let json = String::from_utf8(read(&out.join("tokenizer/tokenizer.json"))?)
         .map_err(|e| TrainError::Tokenizer(e.to_string()))?;
     let mut stage = VlmStage::new(config.vlm.clone(), &json, config.seed, config.backend)?;
-    let run = run_stage(&mut stage, dir, config.checkpoint_every, progress)?;
+    let run = run_stage_until(&mut stage, dir, config.checkpoint_every, limit, progress)?;
+    if !run.finished {
+        return Ok(None);
+    }
     write_atomic(
         &dir.join("vlm.safetensors"),
         &named::safetensors_bytes(&stage.tensors())?,
     )?;
     let eval = stage.evaluate(8)?;
     let (first, last) = run.curve.first_last_mean(20);
-    Ok(StageReport {
+    Ok(Some(StageReport {
         stage: StageName::Vlm,
         seconds: run.seconds,
         steps: config.vlm.optim.steps,
         first_loss: first,
         last_loss: last,
         details: eval,
-    })
+    }))
 }
 
 /// The frozen VLM and VAE encoder that stage 4 learns from, read from the earlier stages.
@@ -327,25 +370,42 @@ fn run_dit(
     out: &Path,
     dir: &Path,
     config: &RecipeConfig,
+    limit: Limit,
     progress: &mut dyn FnMut(Progress),
-) -> Result<StageReport, TrainError> {
+) -> Result<Option<StageReport>, TrainError> {
     let frozen = frozen(out, config)?;
     let mut stage = DitStage::new(config.dit.clone(), frozen, config.seed, config.backend)?;
     let null_len = stage.null_len();
-    let run = run_stage(&mut stage, dir, config.checkpoint_every, progress)?;
+    let run = run_stage_until(&mut stage, dir, config.checkpoint_every, limit, progress)?;
+    if !run.finished {
+        return Ok(None);
+    }
     write_atomic(
         &dir.join("transformer.safetensors"),
         &named::safetensors_bytes(&stage.tensors())?,
     )?;
+    write_model_dir(out, config)?;
+    let eval = crate::eval::quick_eval(
+        &out.join("model"),
+        dir,
+        config.seed,
+        8,
+        config.vae.image_size as usize,
+        20,
+        3.0,
+    )?;
     let (first, last) = run.curve.first_last_mean(20);
-    Ok(StageReport {
+    Ok(Some(StageReport {
         stage: StageName::Dit,
         seconds: run.seconds,
         steps: config.dit.optim.steps,
         first_loss: first,
         last_loss: last,
-        details: serde_json::json!({"null_condition_rows": null_len}),
-    })
+        details: serde_json::json!({
+            "null_condition_rows": null_len,
+            "text_to_image_20_steps_cfg_3": eval,
+        }),
+    }))
 }
 
 fn run_tokenizer(dir: &Path, config: &RecipeConfig) -> Result<StageReport, TrainError> {
@@ -381,10 +441,14 @@ fn run_tokenizer(dir: &Path, config: &RecipeConfig) -> Result<StageReport, Train
 fn run_vae(
     dir: &Path,
     config: &RecipeConfig,
+    limit: Limit,
     progress: &mut dyn FnMut(Progress),
-) -> Result<StageReport, TrainError> {
+) -> Result<Option<StageReport>, TrainError> {
     let mut stage = VaeStage::new(config.vae.clone(), config.seed, config.backend)?;
-    let run = run_stage(&mut stage, dir, config.checkpoint_every, progress)?;
+    let run = run_stage_until(&mut stage, dir, config.checkpoint_every, limit, progress)?;
+    if !run.finished {
+        return Ok(None);
+    }
     let report = stage.evaluate(64)?;
     write_atomic(
         &dir.join("autoencoder.safetensors"),
@@ -395,7 +459,7 @@ fn run_vae(
         &named::safetensors_bytes(&stage.decoder_tensors())?,
     )?;
     let (first, last) = run.curve.first_last_mean(20);
-    Ok(StageReport {
+    Ok(Some(StageReport {
         stage: StageName::Vae,
         seconds: run.seconds,
         steps: config.vae.optim.steps,
@@ -403,5 +467,5 @@ fn run_vae(
         last_loss: last,
         details: serde_json::to_value(&report)
             .map_err(|e| TrainError::Checkpoint(e.to_string()))?,
-    })
+    }))
 }

@@ -202,10 +202,29 @@ struct CheckpointState {
 pub struct StageRun {
     /// The whole curve (resumed steps included).
     pub curve: LossCurve,
+    /// Whether the stage reached its last step (else a limit stopped it).
+    pub finished: bool,
     /// Step the run resumed from (0 = fresh).
     pub resumed_from: usize,
     /// Seconds this process spent training.
     pub seconds: f64,
+}
+
+/// When a call of [`run_stage_until`] stops early (the next call resumes).
+#[derive(Clone, Copy, Debug)]
+pub struct Limit {
+    /// Stop after this step.
+    pub stop_step: usize,
+    /// Stop after the first step that ends past this instant.
+    pub deadline: Option<Instant>,
+}
+
+impl Limit {
+    /// No limit: run the stage to its end.
+    pub const NONE: Limit = Limit {
+        stop_step: usize::MAX,
+        deadline: None,
+    };
 }
 
 /// Runs `stage` in `dir` (created): resumes from `dir/checkpoint` when there is one, saves a
@@ -216,16 +235,16 @@ pub fn run_stage(
     every: usize,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<StageRun, TrainError> {
-    run_stage_until(stage, dir, every, usize::MAX, progress)
+    run_stage_until(stage, dir, every, Limit::NONE, progress)
 }
 
-/// [`run_stage`] that stops (with a checkpoint) after step `stop` (a time-boxed run; the next
-/// call resumes).
+/// [`run_stage`] that stops early, with a checkpoint, at `limit` (a time-boxed run; the
+/// next call resumes). [`StageRun::finished`] says whether the stage reached its last step.
 pub fn run_stage_until(
     stage: &mut dyn Stage,
     dir: &Path,
     every: usize,
-    stop: usize,
+    limit: Limit,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<StageRun, TrainError> {
     std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
@@ -248,11 +267,13 @@ pub fn run_stage_until(
         }
     }
     let total = stage.steps();
-    let end = total.min(stop.max(start));
+    let end = total.min(limit.stop_step.max(start));
     let began = Instant::now();
     let mut smooth = curve.smoothed(0.05).last().copied();
+    let mut done = start;
     for k in start..end {
         let (loss, lr) = stage.step(k)?;
+        done = k + 1;
         curve.rows.push((k + 1, loss, lr));
         let s = smooth.map_or(loss, |s| s + 0.05 * (loss - s));
         smooth = Some(s);
@@ -263,7 +284,8 @@ pub fn run_stage_until(
             smooth: s,
             elapsed: began.elapsed().as_secs_f64(),
         });
-        if (k + 1) % every.max(1) == 0 || k + 1 == end {
+        let out_of_time = limit.deadline.is_some_and(|d| Instant::now() >= d);
+        if (k + 1) % every.max(1) == 0 || k + 1 == end || out_of_time {
             std::fs::create_dir_all(&ckpt).map_err(|e| TrainError::io(&ckpt, e))?;
             let ids = stage.save(&ckpt)?;
             let state = serde_json::to_string(&CheckpointState { step: k + 1, ids })
@@ -271,12 +293,16 @@ pub fn run_stage_until(
             write_atomic(&state_path, state.as_bytes())?;
             curve.save(dir)?;
         }
+        if out_of_time {
+            break;
+        }
     }
     if start == end {
         curve.save(dir)?;
     }
     Ok(StageRun {
         curve,
+        finished: done == total,
         resumed_from: start,
         seconds: began.elapsed().as_secs_f64(),
     })

@@ -55,7 +55,7 @@ impl VaeStageConfig {
             },
             batch: 16,
             optim: OptimConfig {
-                steps: 1500,
+                steps: 800,
                 lr: 2e-3,
                 warmup: 50,
                 final_lr_fraction: 0.05,
@@ -339,7 +339,7 @@ impl Stage for VaeStage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::trainer::{run_stage, run_stage_until};
+    use crate::trainer::{Limit, run_stage, run_stage_until};
     use unifusion_model::generator::params::WeightMap;
     use unifusion_model::generator::tiny_vae::TinyDecoder;
 
@@ -384,7 +384,17 @@ mod tests {
         let a = run_stage(&mut whole, &base.join("a"), 3, &mut |_| {}).expect("trains");
 
         let mut first = VaeStage::new(config.clone(), 9, Backend::Flex).expect("builds");
-        run_stage_until(&mut first, &base.join("b"), 3, 5, &mut |_| {}).expect("trains");
+        run_stage_until(
+            &mut first,
+            &base.join("b"),
+            3,
+            Limit {
+                stop_step: 5,
+                deadline: None,
+            },
+            &mut |_| {},
+        )
+        .expect("trains");
         drop(first); // a new process, in effect
         let mut second = VaeStage::new(config, 9, Backend::Flex).expect("builds");
         let b = run_stage(&mut second, &base.join("b"), 3, &mut |_| {}).expect("resumes");
@@ -392,5 +402,34 @@ mod tests {
         assert_eq!(a.curve, b.curve);
         assert_eq!(whole.autoencoder_tensors(), second.autoencoder_tensors());
         let _ = std::fs::remove_dir_all(&base);
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use std::time::Instant;
+
+    /// `cargo test --workspace timing_breakdown -- --ignored --nocapture`: where a recipe VAE
+    /// step's time goes.
+    #[test]
+    #[ignore]
+    fn timing_breakdown() {
+        let mut stage = VaeStage::new(VaeStageConfig::recipe(), 0, Backend::Flex).expect("builds");
+        let t = Instant::now();
+        let x = image_batch(1, 0, 16, 64, &stage.device).expect("renders");
+        println!("render 16: {:.3} s", t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let loss = stage.loss(x, 1).expect("loss");
+        let _ = to_vec(loss.clone());
+        println!("forward: {:.3} s", t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        stage.ae.apply(loss, 0).expect("step");
+        println!("backward + step: {:.3} s", t.elapsed().as_secs_f64());
+        for k in 1..4 {
+            let t = Instant::now();
+            stage.step(k).expect("step");
+            println!("step: {:.3} s", t.elapsed().as_secs_f64());
+        }
     }
 }
