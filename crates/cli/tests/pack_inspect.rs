@@ -204,8 +204,11 @@ fn rewrite(from: &Path, to: &Path, drop: &[&str], add: &[(&str, &[u64])]) {
     std::fs::write(to, bytes).expect("write checkpoint");
 }
 
-/// (name, dtype, shape) of every tensor, and the shard hashes, of a packed model.
-fn manifest_summary(dir: &Path) -> (Vec<(String, String, Vec<u64>)>, Vec<String>) {
+/// (name, dtype, shape) of one manifest tensor.
+type TensorSummary = (String, String, Vec<u64>);
+
+/// Every tensor, and the shard hashes, of a packed model.
+fn manifest_summary(dir: &Path) -> (Vec<TensorSummary>, Vec<String>) {
     let manifest = read_manifest(dir).expect("manifest").0;
     let tensors = manifest
         .tensors()

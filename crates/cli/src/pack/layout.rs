@@ -15,8 +15,7 @@
 //! Renames come from the model crate's own tables ([`canonical_name`], [`krea2_original_key`]),
 //! not from copies here. The expected tensor list is not a table either: it is what the
 //! model's loaders ask for when they build the model of `--config` from a recording source
-//! whose tensors are zero-filled allocations the loaders never read, so checking a
-//! multi-billion-parameter config takes address space, not memory.
+//! ([`Recorder`], [`Weights::recording`]) that answers with zeros.
 
 use std::collections::BTreeMap;
 
@@ -27,7 +26,7 @@ use unifusion_model::generator::tiny_vae::{AutoencoderTiny, TinyDecoder};
 use unifusion_model::generator::vae::AutoencoderKl;
 use unifusion_model::pipeline::{UniFusionConfig, VaeConfig};
 use unifusion_model::vlm::weights::{CanonicalName, canonical_name, transformers_name};
-use unifusion_model::vlm::{InternVl, InternVlConfig, VlmError, Weights};
+use unifusion_model::vlm::{InternVl, InternVlConfig, Weights};
 use unifusion_weights::Dtype;
 
 use super::Layout;
@@ -174,40 +173,20 @@ impl ParamSource for Recorder {
     }
 }
 
-/// The VLM's tensors: its loader takes from [`Weights`], which reports one missing (or
-/// mis-shaped) tensor at a time, so load repeatedly, adding each tensor it asks for.
+/// The VLM's tensors: one load from a [`Weights::recording`] set, which answers every
+/// request with zeros and records it.
 fn vlm_expected(
     config: &InternVlConfig,
     device: &Device,
 ) -> Result<BTreeMap<String, Vec<usize>>, String> {
     config.validate().map_err(|e| format!("vlm config: {e}"))?;
-    let mut known: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-    // Two rounds per tensor (name, then shape); a real InternVL has well under 10 000.
-    for _ in 0..20_000 {
-        let mut weights = Weights::new();
-        for (name, shape) in &known {
-            let n = shape.iter().product();
-            weights
-                .add(name, vec![0f32; n], shape.clone())
-                .map_err(|e| format!("vlm: {e}"))?;
-        }
-        match InternVl::load(config, &mut weights, device) {
-            Ok(_) => {
-                return Ok(known
-                    .into_iter()
-                    .map(|(name, shape)| (format!("vlm.{}", transformers_name(&name)), shape))
-                    .collect());
-            }
-            Err(VlmError::MissingTensor(name)) => {
-                known.insert(name, vec![0]);
-            }
-            Err(VlmError::TensorShape { name, expected, .. }) => {
-                known.insert(name, expected);
-            }
-            Err(e) => return Err(format!("vlm config: {e}")),
-        }
-    }
-    Err("vlm: the loader's tensor list does not converge".into())
+    let mut weights = Weights::recording();
+    InternVl::load(config, &mut weights, device).map_err(|e| format!("vlm config: {e}"))?;
+    Ok(weights
+        .recorded()
+        .iter()
+        .map(|(name, shape)| (format!("vlm.{}", transformers_name(name)), shape.clone()))
+        .collect())
 }
 
 /// Every tensor `config` needs, by manifest name. `vae_encoder`: the VAE input carries an
@@ -244,6 +223,9 @@ fn expected(
         .collect())
 }
 
+/// How many tensors of each kind of problem an error lists by name (the rest are counted).
+const MAX_LISTED: usize = 4;
+
 /// A converted tensor's manifest entry, for the check.
 pub struct Entry<'a> {
     /// Manifest name.
@@ -274,9 +256,10 @@ pub fn check(config: &UniFusionConfig, entries: &[Entry<'_>]) -> Result<(), Stri
         let vae_encoder = got.iter().any(|e| e.name.starts_with("vae.encoder."));
         let mut want = expected(config, component, vae_encoder)?;
         let mut unexpected = Vec::new();
+        let mut wrong = Vec::new();
         for e in got {
             if !e.dtype.is_convertible_float() {
-                problems.push(format!(
+                wrong.push(format!(
                     "`{}` is {}, the model takes float tensors",
                     e.name, e.dtype
                 ));
@@ -286,7 +269,7 @@ pub fn check(config: &UniFusionConfig, entries: &[Entry<'_>]) -> Result<(), Stri
                 Some(shape) => {
                     let got_shape: Vec<usize> = e.shape.iter().map(|&d| d as usize).collect();
                     if got_shape != shape {
-                        problems.push(format!(
+                        wrong.push(format!(
                             "`{}` has shape {got_shape:?}, the config needs {shape:?}",
                             e.name
                         ));
@@ -294,15 +277,25 @@ pub fn check(config: &UniFusionConfig, entries: &[Entry<'_>]) -> Result<(), Stri
                 }
             }
         }
+        if wrong.len() > MAX_LISTED {
+            let more = wrong.len() - MAX_LISTED;
+            wrong.truncate(MAX_LISTED);
+            wrong.push(format!("{more} more mismatches in {component}"));
+        }
+        problems.extend(wrong);
         let missing: Vec<&str> = want.keys().map(String::as_str).collect();
         for (what, names) in [("missing", missing), ("unexpected", unexpected)] {
             if !names.is_empty() {
-                let more = if names.len() > 3 {
-                    format!(" and {} more", names.len() - 3)
+                let more = if names.len() > MAX_LISTED {
+                    format!(" and {} more", names.len() - MAX_LISTED)
                 } else {
                     String::new()
                 };
-                let listed: Vec<String> = names.iter().take(3).map(|n| format!("`{n}`")).collect();
+                let listed: Vec<String> = names
+                    .iter()
+                    .take(MAX_LISTED)
+                    .map(|n| format!("`{n}`"))
+                    .collect();
                 problems.push(format!(
                     "{component}: {} {what} tensor{} {}{more}",
                     names.len(),
