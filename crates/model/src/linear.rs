@@ -18,6 +18,9 @@ use unifusion_weights::quant::{QuantBits, QuantPart, QuantizedWeight, parse_name
 
 /// A Linear layer with a float or a block-quantized weight. `forward`: `[..., d_in]` →
 /// `[..., d_out]`.
+// A model holds a few hundred of these, built once: the size difference between the variants
+// costs nothing worth a Box (which burn's Module derive would have to see through).
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum LinearW {
     /// Float weight `[d_in, d_out]` (burn's layout).

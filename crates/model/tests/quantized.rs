@@ -38,7 +38,7 @@ fn maybe_quantize(
     bits: QuantBits,
 ) -> Option<QuantizedWeight> {
     let shape64: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
-    if !is_quantizable_linear(full_name, &shape64) || shape[1] % GROUP != 0 {
+    if !is_quantizable_linear(full_name, &shape64) || !shape[1].is_multiple_of(GROUP) {
         return None;
     }
     Some(quantize(values, shape[0], shape[1], bits, GROUP).expect("quantize"))

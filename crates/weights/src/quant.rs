@@ -335,7 +335,11 @@ impl QuantizedWeight {
             QuantBits::Q8 => self.data[row * self.cols + col] as i8,
             QuantBits::Q4 => {
                 let byte = self.data[row * (self.cols / 2) + col / 2];
-                let nibble = if col % 2 == 0 { byte & 0x0f } else { byte >> 4 };
+                let nibble = if col.is_multiple_of(2) {
+                    byte & 0x0f
+                } else {
+                    byte >> 4
+                };
                 ((nibble << 4) as i8) >> 4 // sign-extend the 4-bit value
             }
         }

@@ -321,6 +321,7 @@ fn accuracy(group: usize, device: &Device) -> Result<(), CliError> {
             errs[1].1
         );
     }
+    linear_error();
     let (y, reference, _) = run_dit(None, group, device)?;
     let mut errs = Vec::new();
     let mut counts = Vec::new();
@@ -341,6 +342,47 @@ fn accuracy(group: usize, device: &Device) -> Result<(), CliError> {
         counts[1].stored_bytes
     );
     Ok(())
+}
+
+/// For scale: one real-sized Linear (896 → 896, weights and inputs uniform in [-2, 2]) at
+/// group 32, computed in f64 on the host: the error of a single quantized layer.
+fn linear_error() {
+    let (k, n, m) = (896, 896, 4);
+    let w = fixture_values(5, n * k);
+    let x = fixture_values(6, m * k);
+    let matmul = |w: &[f32]| -> Vec<f32> {
+        let mut y = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let s: f64 = (0..k)
+                    .map(|t| x[i * k + t] as f64 * w[j * k + t] as f64)
+                    .sum();
+                y[i * n + j] = s as f32;
+            }
+        }
+        y
+    };
+    let exact = matmul(&w);
+    let mut row = String::from("| one Linear 896 → 896, uniform weights, group 32 | y | – |");
+    let mut stored = Vec::new();
+    for bits in [QuantBits::Q8, QuantBits::Q4] {
+        match quantize(&w, n, k, bits, 32) {
+            Ok(q) => {
+                row.push_str(&format!(
+                    " {:.2e} |",
+                    rel_l2(&matmul(&q.dequantize()), &exact)
+                ));
+                stored.push(q.stored_bytes().to_string());
+            }
+            Err(e) => row.push_str(&format!(" {e} |")),
+        }
+    }
+    row.push_str(&format!(
+        " 1 of 1 | {} → {} |",
+        2 * n * k,
+        stored.join(" / ")
+    ));
+    println!("{row}");
 }
 
 fn layer(bits: QuantBits, k: usize, n: usize, device: &Device) -> Result<QuantLinear, CliError> {
