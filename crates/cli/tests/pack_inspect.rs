@@ -392,6 +392,31 @@ fn pack_converts_every_layout_into_one_checked_manifest() {
             .iter()
             .any(|(n, _, _)| n.starts_with("vae.encoder."))
     );
+
+    // A Krea 2 single file with a bundled text encoder: its tensors are dropped and counted.
+    let bundled = dir.join("bundled.safetensors");
+    rewrite(
+        &fixture("generator/krea2/weights_original.safetensors"),
+        &bundled,
+        &[],
+        &[("text_encoders.qwen3.layers.0.weight", &[4, 4])],
+    );
+    let o = pack(&[
+        "--from",
+        &format!("krea2={}", s(&bundled)),
+        "--config",
+        &config,
+        "--out",
+        &s(&dir.join("bundled")),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains(
+            "dropped 1 tensors that are no transformer weights (e.g. `text_encoders.qwen3.layers.0.weight`)"
+        ),
+        "{stdout}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
