@@ -10,6 +10,7 @@
 //!    transposed, as `burn::nn::Linear` holds it) on the same wgpu device, same run, medians.
 
 use std::path::PathBuf;
+use std::time::Instant;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use unifusion_kernels::QuantLinear;
@@ -25,7 +26,6 @@ use unifusion_model::vlm::{InternVl, InternVlConfig, VlmInput, Weights};
 use unifusion_weights::Dtype;
 use unifusion_weights::quant::{QuantBits, QuantizedWeight, is_quantizable_linear, quantize};
 
-use super::median_ms;
 use crate::CliError;
 use crate::device::Backend;
 
@@ -45,7 +45,7 @@ const SHAPES: [(usize, usize, usize, &str); 9] = [
 #[derive(clap::Args)]
 pub struct Args {
     /// Timed calls per speed row (median reported).
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u32).range(1..))]
     iters: u32,
     /// Scale group for the fixture models (their widths are 24–80: 8 quantizes every listed
     /// Linear, 16 most, 32 few).
@@ -57,6 +57,9 @@ pub struct Args {
     /// Only the speed table.
     #[arg(long)]
     skip_accuracy: bool,
+    /// Also time every kernel variant (mat-vec, tiled, dequant + matmul) on every shape.
+    #[arg(long)]
+    all_variants: bool,
 }
 
 fn device_err(e: impl std::fmt::Display) -> CliError {
@@ -391,58 +394,105 @@ fn layer(bits: QuantBits, k: usize, n: usize, device: &Device) -> Result<QuantLi
     QuantLinear::new(&q, None, device).map_err(device_err)
 }
 
-fn speed(iters: usize) -> Result<(), CliError> {
+/// Median ms of each closure over `iters` rounds, the closures timed in turn within every
+/// round (after three warm-up rounds), so a load change on a shared machine hits all of them
+/// alike and their ratios stay fair.
+fn interleaved_ms(
+    device: &Device,
+    iters: usize,
+    fs: &mut [Box<dyn FnMut() -> Result<(), CliError> + '_>],
+) -> Result<Vec<f64>, CliError> {
+    let sync = || device.sync().map_err(|e| device_err(format!("{e:?}")));
+    let mut times = vec![Vec::with_capacity(iters); fs.len()];
+    for round in 0..iters.max(1) + 3 {
+        for (f, t) in fs.iter_mut().zip(times.iter_mut()) {
+            sync()?;
+            let start = Instant::now();
+            f()?;
+            sync()?;
+            if round >= 3 {
+                t.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+    }
+    Ok(times
+        .into_iter()
+        .map(|mut t| {
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
+        })
+        .collect())
+}
+
+fn speed(iters: usize, all_variants: bool) -> Result<(), CliError> {
     let device = Backend::Wgpu.device();
     println!(
-        "\nSpeed on wgpu, f32 activations, group 32, median of {iters} calls, ms; ratio = f32 ÷ \
-         the default variant (mat-vec for M ≤ {MATVEC_MAX_ROWS}, dequant + matmul above)\n"
+        "\nSpeed on wgpu, f32 activations, group 32, median of {iters} interleaved rounds, ms; \
+         ratio = f32 ÷ quantized (mat-vec kernel for M ≤ {MATVEC_MAX_ROWS}, dequant.wgsl + matmul \
+         above)\n"
     );
+    let variants: &[Variant] = if all_variants {
+        &[Variant::Matvec, Variant::Tiled, Variant::Dequant]
+    } else {
+        &[]
+    };
+    let extra = if all_variants {
+        " q8: mat-vec / tiled / dequant+mm | q4: mat-vec / tiled / dequant+mm |"
+    } else {
+        ""
+    };
+    println!("| M × K → N | stands for | f32 matmul (baseline) | q8 | ratio | q4 | ratio |{extra}");
     println!(
-        "| M × K → N | stands for | f32 matmul (baseline) | q8: mat-vec / tiled / dequant+mm | q8 ratio | q4: mat-vec / tiled / dequant+mm | q4 ratio |"
+        "|---|---|---:|---:|---:|---:|---:|{}",
+        if all_variants { "---:|---:|" } else { "" }
     );
-    println!("|---|---|---:|---:|---:|---:|---:|");
     for (m, k, n, what) in SHAPES {
         let x = Tensor::<2>::from_data(TensorData::new(fixture_values(1, m * k), [m, k]), &device);
         // As the model's float Linears hold it: a transposed view of the [N, K] checkpoint weight.
         let wt = Tensor::<2>::from_data(TensorData::new(fixture_values(3, n * k), [n, k]), &device)
             .transpose();
-        let baseline = median_ms(&device, iters, || {
-            drop(x.clone().matmul(wt.clone()));
-            Ok(())
-        })?;
         let default = if m <= MATVEC_MAX_ROWS {
             Variant::Matvec
         } else {
             Variant::Dequant
         };
-        let mut row = format!("| {m} × {k} → {n} | {what} | {baseline:.3} |");
-        for bits in [QuantBits::Q8, QuantBits::Q4] {
-            let l = layer(bits, k, n, &device)?;
-            let mut cells = Vec::new();
-            let mut chosen = f64::NAN;
-            for variant in [Variant::Matvec, Variant::Tiled, Variant::Dequant] {
+        let q8 = layer(QuantBits::Q8, k, n, &device)?;
+        let q4 = layer(QuantBits::Q4, k, n, &device)?;
+        let run = |l: &QuantLinear, v: Variant| {
+            fused_variant(x.clone(), l, v).map(drop).map_err(device_err)
+        };
+        let mut fs: Vec<Box<dyn FnMut() -> Result<(), CliError> + '_>> = vec![
+            Box::new(|| {
+                drop(x.clone().matmul(wt.clone()));
+                Ok(())
+            }),
+            Box::new(|| run(&q8, default)),
+            Box::new(|| run(&q4, default)),
+        ];
+        for l in [&q8, &q4] {
+            for &v in variants {
                 // The mat-vec kernel re-reads the weight per 8 rows: not worth timing at 256.
-                if variant == Variant::Matvec && m > 16 {
-                    cells.push("–".to_owned());
-                    continue;
-                }
-                let t = median_ms(&device, iters, || {
-                    fused_variant(x.clone(), &l, variant)
-                        .map(drop)
-                        .map_err(device_err)
-                })?;
-                if variant == default {
-                    chosen = t;
-                    cells.push(format!("**{t:.3}**"));
-                } else {
-                    cells.push(format!("{t:.3}"));
+                if !(v == Variant::Matvec && m > 16) {
+                    fs.push(Box::new(move || run(l, v)));
                 }
             }
-            row.push_str(&format!(
-                " {} | {:.2}× |",
-                cells.join(" / "),
-                baseline / chosen
-            ));
+        }
+        let t = interleaved_ms(&device, iters, &mut fs)?;
+        let mut row = format!(
+            "| {m} × {k} → {n} | {what} | {:.3} | {:.3} | {:.2}× | {:.3} | {:.2}× |",
+            t[0],
+            t[1],
+            t[0] / t[1],
+            t[2],
+            t[0] / t[2]
+        );
+        if all_variants {
+            let per = if m > 16 { 2 } else { 3 };
+            for chunk in t[3..].chunks(per) {
+                let cells: Vec<String> = chunk.iter().map(|v| format!("{v:.3}")).collect();
+                let pad = if per == 2 { "– / " } else { "" };
+                row.push_str(&format!(" {pad}{} |", cells.join(" / ")));
+            }
         }
         println!("{row}");
     }
@@ -460,7 +510,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
         accuracy(args.group, &Backend::Wgpu.device())?;
     }
     if !args.skip_speed {
-        speed(args.iters as usize)?;
+        speed(args.iters as usize, args.all_variants)?;
     }
     Ok(())
 }
