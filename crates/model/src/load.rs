@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 use unifusion_weights::loader::{ShardSource, TensorSink};
 use unifusion_weights::manifest::sha256_hex;
 use unifusion_weights::{Dtype, Manifest, Progress};
@@ -328,20 +328,29 @@ impl LeftoverSource for DeviceParams {
 /// A float tensor's bytes as f32 values; anything else is an error naming the tensor.
 fn to_f32(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>, ModelLoadError> {
     let bad = |why: String| ModelLoadError::Config(format!("tensor `{name}`: {why}"));
-    if !dtype.is_convertible_float() {
+    let from = match dtype {
+        Dtype::F32 => DType::F32,
+        Dtype::F16 => DType::F16,
+        Dtype::BF16 => DType::BF16,
+        Dtype::F64 => DType::F64,
+        _ => {
+            return Err(bad(format!(
+                "dtype {dtype} is not a float type the model can use"
+            )));
+        }
+    };
+    let width = usize::try_from(dtype.size()).unwrap_or(1).max(1);
+    if !bytes.len().is_multiple_of(width) {
         return Err(bad(format!(
-            "dtype {dtype} is not a float type the model can use"
+            "{} bytes is not whole {dtype} elements",
+            bytes.len()
         )));
     }
-    let f32_bytes =
-        unifusion_weights::dtype::convert_float(bytes, dtype, Dtype::F32).ok_or_else(|| {
-            bad(format!(
-                "{} bytes is not whole {dtype} elements",
-                bytes.len()
-            ))
-        })?;
-    Ok(f32_bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect())
+    // burn's own (optimised) conversion: this runs for every byte of the model.
+    let n = bytes.len() / width;
+    let data = TensorData::try_from_bytes_vec(bytes.to_vec(), vec![n], from)
+        .map_err(|e| bad(format!("{e:?}")))?;
+    data.convert_dtype(DType::F32)
+        .try_into_vec::<f32>()
+        .map_err(|e| bad(format!("{e:?}")))
 }

@@ -52,6 +52,9 @@ pub struct Args {
     /// Where generated models go (default: the system temp dir); removed afterwards.
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Only the whole-UniFusion model (skip the two bags of layers).
+    #[arg(long)]
+    unifusion_only: bool,
 }
 
 /// `(VmRSS, VmHWM)` in bytes.
@@ -399,7 +402,12 @@ pub fn run(args: Args) -> Result<(), CliError> {
     );
     println!("|---|---:|---:|---|---:|---:|---:|---|---:|---:|");
     let result = (|| {
-        for (label, embedding) in [("layers only", false), ("with 272 MB embedding", true)] {
+        let bags: &[(&str, bool)] = if args.unifusion_only {
+            &[]
+        } else {
+            &[("layers only", false), ("with 272 MB embedding", true)]
+        };
+        for &(label, embedding) in bags {
             let dir = root.join(if embedding { "embed" } else { "layers" });
             generate(&dir, args.size_mb, args.shard_size_mib, embedding)?;
             for sink in [SinkKind::Count, SinkKind::Flex] {

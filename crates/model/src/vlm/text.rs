@@ -497,7 +497,7 @@ mod tests {
     use super::VocabBlocks;
 
     fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-        t.into_data().convert::<f32>().to_vec::<f32>().expect("f32")
+        t.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32")
     }
 
     /// Blocks that split the vocabulary unevenly give exactly the rows and logits of the

@@ -40,8 +40,9 @@ pub struct Weights {
 /// Where one tensor waits to be taken.
 enum Stored {
     Host(Vec<f32>),
-    /// Flattened on the device; reshaped when taken.
-    Device(Tensor<1>),
+    /// Flattened on the device; reshaped when taken (boxed: a tensor handle is much larger
+    /// than a `Vec`).
+    Device(Box<Tensor<1>>),
 }
 
 impl Weights {
@@ -101,7 +102,10 @@ impl Weights {
             let stored = match &self.device {
                 Some(device) => {
                     let n = values.len();
-                    Stored::Device(Tensor::from_data(TensorData::new(values, [n]), device))
+                    Stored::Device(Box::new(Tensor::from_data(
+                        TensorData::new(values, [n]),
+                        device,
+                    )))
                 }
                 None => Stored::Host(values),
             };
@@ -165,7 +169,7 @@ impl Weights {
             Stored::Host(values) => {
                 Tensor::from_data(TensorData::new(values.clone(), shape), device)
             }
-            Stored::Device(flat) => flat.clone().to_device(device).reshape(shape),
+            Stored::Device(flat) => (**flat).clone().to_device(device).reshape(shape),
         })
     }
 
