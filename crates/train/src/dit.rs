@@ -136,9 +136,11 @@ impl DitStageConfig {
 /// over the taps, fan-in normal elsewhere.
 fn dit_init(name: &str, shape: &[usize]) -> Init {
     let leaf = name.rsplit('.').next().unwrap_or(name);
-    if leaf == "bias" || name.contains("norm") || name.contains("scale_shift_table") {
-        Init::Zeros
-    } else if name.starts_with("final_layer.linear") {
+    let zero = leaf == "bias"
+        || name.contains("norm")
+        || name.contains("scale_shift_table")
+        || name.starts_with("final_layer.linear");
+    if zero {
         Init::Zeros
     } else if name == "text_fusion.projector.weight" {
         Init::Const(1.0 / shape.iter().product::<usize>().max(1) as f32)

@@ -119,23 +119,16 @@ impl RecipeConfig {
         }
     }
 
-    /// What a stage's output depends on: seed, backend, its own and earlier stages' settings.
+    /// The settings a stage's directory belongs to: seed, backend and the stage's own config
+    /// (its inputs are the earlier stages' outputs, whatever settings made them).
     pub fn stage_settings(&self, stage: StageName) -> serde_json::Value {
-        let mut v = serde_json::json!({"seed": self.seed, "backend": self.backend});
-        let upto = |s: StageName| s <= stage;
-        if upto(StageName::Tokenizer) {
-            v["tokenizer"] = serde_json::json!(self.tokenizer);
-        }
-        if upto(StageName::Vae) {
-            v["vae"] = serde_json::json!(self.vae);
-        }
-        if upto(StageName::Vlm) {
-            v["vlm"] = serde_json::json!(self.vlm);
-        }
-        if upto(StageName::Dit) {
-            v["dit"] = serde_json::json!(self.dit);
-        }
-        v
+        let own = match stage {
+            StageName::Tokenizer => serde_json::json!(self.tokenizer),
+            StageName::Vae => serde_json::json!(self.vae),
+            StageName::Vlm => serde_json::json!(self.vlm),
+            StageName::Dit => serde_json::json!(self.dit),
+        };
+        serde_json::json!({"seed": self.seed, "backend": self.backend, stage.as_str(): own})
     }
 
     /// The VLM taps LAP reads (every third hidden state).
@@ -450,6 +443,11 @@ fn run_vae(
         return Ok(None);
     }
     let report = stage.evaluate(64)?;
+    let path = dir.join("reconstructions.png");
+    report
+        .reconstructions
+        .save(&path)
+        .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
     write_atomic(
         &dir.join("autoencoder.safetensors"),
         &named::safetensors_bytes(&stage.autoencoder_tensors())?,

@@ -185,6 +185,9 @@ pub struct VaeReport {
     /// Mean and standard deviation of the latents.
     pub latent_mean: f64,
     pub latent_std: f64,
+    /// Rendered / decoded pairs of the first 16 images.
+    #[serde(skip)]
+    pub reconstructions: image::RgbImage,
 }
 
 impl VaeStage {
@@ -248,6 +251,7 @@ impl VaeStage {
         let (mut se, mut count) = (0f64, 0usize);
         let (mut rendered, mut decoded) = (Vec::new(), Vec::new());
         let (mut zsum, mut zsq, mut zn) = (0f64, 0f64, 0usize);
+        let mut sheet = Vec::new();
         for chunk in (0..n).collect::<Vec<_>>().chunks(8) {
             let first = chunk[0] as u64;
             let x = image_batch(eval_seed, first, chunk.len(), s, &device)?;
@@ -281,9 +285,14 @@ impl VaeStage {
                         .ok_or_else(|| TrainError::Model("image buffer size".into()))?;
                     let parsed = unifusion_world::parse_image(&img)?;
                     scores.push(score_scene(&intended, &parsed));
+                    if i < 16 {
+                        sheet.push(img);
+                    }
                 }
             }
         }
+        // Rendered and decoded side by side, 8 pairs a row.
+        let reconstructions = unifusion_world::render::contact_sheet(&sheet, 16);
         let mse = se / count.max(1) as f64;
         let mean = zsum / zn.max(1) as f64;
         Ok(VaeReport {
@@ -293,6 +302,7 @@ impl VaeStage {
             judge_decoded: micro_average(&decoded),
             latent_mean: mean,
             latent_std: (zsq / zn.max(1) as f64 - mean * mean).max(0.0).sqrt(),
+            reconstructions,
         })
     }
 }
@@ -365,6 +375,11 @@ mod tests {
         let trained = stage.ae.model().valid();
         let b = to_vec(trained.decoder.decode(z).expect("decodes")).expect("reads");
         assert_eq!(a, b);
+
+        let report = stage.evaluate(4).expect("evaluates");
+        assert!(report.psnr_db.is_finite() && report.judge_rendered > 0.99);
+        // 4 rendered + 4 decoded tiles in one row of the 16-wide sheet.
+        assert_eq!(report.reconstructions.dimensions(), (16 * 34 + 2, 36));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
