@@ -86,6 +86,15 @@ function notice(text) {
 let loadControl = null;
 
 async function loadModel() {
+  const origin = new URL(MANIFEST, location.href).origin;
+  if (origin !== location.origin) {
+    // The Content-Security-Policy (connect-src 'self') would block the fetch with a bare
+    // "Failed to fetch"; say why instead.
+    throw new Error(
+      `This page may only fetch from its own origin (${location.origin}), so it cannot load a model from ${origin}. ` +
+        'Serve the model from this origin, or add exactly that origin to connect-src in index.html and scripts/serve.mjs.',
+    );
+  }
   loadControl = new AbortController();
   $('cancel-load').hidden = false;
   $('model-name').textContent = MANIFEST;
