@@ -143,7 +143,9 @@ impl LossCurve {
                 raw,
             );
         }
-        let smooth = self.smoothed(0.05);
+        // About a 20th of the run per averaging window, so short runs are not all lag.
+        let alpha = (20.0 / self.rows.len().max(1) as f32).clamp(0.02, 0.3);
+        let smooth = self.smoothed(alpha);
         let blue = Rgb([20, 80, 200]);
         for (i, pair) in smooth.windows(2).enumerate() {
             let (a, b) = (self.rows[i].0, self.rows[i + 1].0);

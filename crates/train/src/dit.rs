@@ -88,7 +88,7 @@ impl DitStageConfig {
             transformer: dit_config(vlm, taps, latent_channels, (6, 6, 256)),
             batch: 8,
             optim: OptimConfig {
-                steps: 3000,
+                steps: 1000,
                 lr: 1e-3,
                 warmup: 100,
                 final_lr_fraction: 0.05,

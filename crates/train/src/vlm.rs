@@ -80,7 +80,7 @@ impl VlmStageConfig {
             image_size: 64,
             batch: 8,
             optim: OptimConfig {
-                steps: 2000,
+                steps: 600,
                 lr: 2e-3,
                 warmup: 100,
                 final_lr_fraction: 0.05,

@@ -1,0 +1,78 @@
+//! `unifusion train` as a user runs it: the tiny recipe's first stages write their files, a
+//! second call resumes (finished stages are skipped), bad flags are one line and exit 2.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn unifusion(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_unifusion"))
+        .args(args)
+        .output()
+        .expect("run unifusion")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("unifusion-train-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+#[test]
+fn tiny_tokenizer_and_vae_stages_write_their_files_and_resume() {
+    let out = scratch("run");
+    let o = out.to_str().expect("utf-8 path");
+    let args = [
+        "train",
+        "--out",
+        o,
+        "--tiny",
+        "--stages",
+        "tokenizer,vae",
+        "--quiet",
+    ];
+    let first = unifusion(&args);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    for file in [
+        "recipe.json",
+        "tokenizer/tokenizer.json",
+        "vae/loss.csv",
+        "vae/loss.png",
+        "vae/report.json",
+        "vae/autoencoder.safetensors",
+        "vae/decoder.safetensors",
+        "vae/reconstructions.png",
+        "vae/checkpoint/weights.safetensors",
+    ] {
+        assert!(out.join(file).exists(), "{file} missing");
+    }
+    let report = std::fs::read_to_string(out.join("vae/report.json")).expect("report");
+    let second = unifusion(&args);
+    assert!(second.status.success());
+    // Finished stages are skipped: the report is untouched.
+    assert_eq!(
+        std::fs::read_to_string(out.join("vae/report.json")).expect("report"),
+        report
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn bad_flags_are_one_line_and_exit_2() {
+    let out = scratch("bad");
+    let o = out.to_str().expect("utf-8 path");
+    for args in [
+        vec!["train", "--out", o, "--stages", "painting"],
+        vec!["train", "--out", o, "--steps", "0"],
+    ] {
+        let r = unifusion(&args);
+        assert_eq!(r.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
