@@ -11,6 +11,7 @@
 //! - [`load`]: a whole model from a packed manifest through the weights crate's streaming
 //!   loader (shard bytes from any source; nothing here reads files).
 
+pub mod attention;
 pub mod generator;
 pub mod linear;
 pub mod load;

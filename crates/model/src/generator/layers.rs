@@ -2,10 +2,10 @@
 //! scale (`x̂ · (1 + w)`, eps 1e-5), self-attention with GQA, per-head QK RMSNorm, RoPE and a
 //! sigmoid output gate (`to_out(attn · σ(to_gate(x)))`), and a SwiGLU MLP. No biases.
 
+use crate::attention::blocked_attention;
 use crate::linear::LinearW;
 use burn::module::{Module, Param};
 use burn::tensor::activation::{sigmoid, silu};
-use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Tensor};
 
@@ -169,7 +169,7 @@ impl Attention {
         let k = repeat_kv(k.swap_dims(1, 2), self.heads);
         let v = repeat_kv(v.swap_dims(1, 2), self.heads);
         let mask = mask.map(|m| m.expand(self.heads, seq));
-        let out = attention(q, k, v, mask, None, AttentionModuleOptions::default());
+        let out = blocked_attention(q, k, v, mask, AttentionModuleOptions::default());
         let out = out.swap_dims(1, 2).reshape([batch, seq, dim]);
         self.to_out.forward(out * sigmoid(gate))
     }

@@ -7,11 +7,11 @@
 //! `post_quant_conv`); the pipeline's scaling is [`AutoencoderKl::unscale_latents`]
 //! (`z / scaling_factor + shift_factor`) and its inverse [`AutoencoderKl::scale_latents`].
 
+use crate::attention::blocked_attention;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, Linear};
 use burn::tensor::activation::silu;
-use burn::tensor::module::attention;
 use burn::tensor::ops::{AttentionModuleOptions, PadMode};
 use burn::tensor::{Device, Tensor};
 
@@ -129,7 +129,7 @@ impl AttentionBlock {
         let q = self.to_q.forward(t.clone()).unsqueeze_dim::<4>(1);
         let k = self.to_k.forward(t.clone()).unsqueeze_dim::<4>(1);
         let v = self.to_v.forward(t).unsqueeze_dim::<4>(1);
-        let a = attention(q, k, v, None, None, AttentionModuleOptions::default()).reshape([
+        let a = blocked_attention(q, k, v, None, AttentionModuleOptions::default()).reshape([
             b,
             h * w,
             c,

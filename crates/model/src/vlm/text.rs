@@ -7,9 +7,9 @@
 //! Hidden-state taps use transformers' numbering: 0 = embeddings, i = output of decoder layer
 //! i−1, `num_layers` = after the final norm. Only the requested taps are kept.
 
+use crate::attention::blocked_attention;
 use crate::linear::LinearW;
 use burn::module::{Module, Param};
-use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData, activation};
 
@@ -418,7 +418,7 @@ impl Qwen2Attention {
             softcap: None,
             is_causal: mask.is_none(),
         };
-        let y = attention(q, expand(k.clone()), expand(v.clone()), mask, None, options);
+        let y = blocked_attention(q, expand(k.clone()), expand(v.clone()), mask, options);
         let y = y.swap_dims(1, 2).reshape([b, l, nh * hd]);
         (self.o_proj.forward(y), (k, v))
     }
@@ -497,7 +497,10 @@ mod tests {
     use super::VocabBlocks;
 
     fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-        t.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32")
+        t.into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .expect("f32")
     }
 
     /// Blocks that split the vocabulary unevenly give exactly the rows and logits of the

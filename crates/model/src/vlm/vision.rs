@@ -8,9 +8,9 @@
 //! CLS dropped. Mirrors transformers v5.24 `models/internvl/modeling_internvl.py`
 //! (`InternVLVisionModel`, `InternVLModel.pixel_shuffle`, `InternVLMultiModalProjector`).
 
+use crate::attention::blocked_attention;
 use crate::linear::LinearW;
 use burn::module::{Module, Param};
-use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Tensor, TensorData, activation};
 
@@ -369,7 +369,7 @@ impl VisionAttention {
             softcap: None,
             is_causal: false,
         };
-        let y = attention(heads(q), heads(k), heads(v), None, None, options);
+        let y = blocked_attention(heads(q), heads(k), heads(v), None, options);
         self.projection_layer
             .forward(y.swap_dims(1, 2).reshape([b, l, h]))
     }
