@@ -414,3 +414,49 @@ fn original_opengvlab_checkpoint_matches_transformers() {
         }
     }
 }
+
+/// With a tiny binding limit the embedding and `lm_head` arrive and stay in row blocks
+/// (never one buffer) and the model still matches transformers, tied and untied.
+#[test]
+fn embedding_over_the_binding_limit_loads_in_blocks_and_matches() {
+    for (dev_name, device) in devices() {
+        for case in ["layernorm_untied", "rmsnorm_qknorm_tied"] {
+            let dir = fixtures().join(case);
+            let (_, config, io) = load(case, &device);
+            let limit = 4 * config.text_config.hidden_size * 7; // 7 rows a block
+            let mut weights = Weights::on_device_with_limit(&device, limit);
+            weights
+                .add_safetensors(&std::fs::read(dir.join("model.safetensors")).expect("file"))
+                .expect("weights parse");
+            let model = InternVl::load(&config, &mut weights, &device).expect("loads");
+            let vocab = config.text_config.vocab_size;
+            assert_eq!(model.text.embed_tokens.blocks.len(), vocab.div_ceil(7));
+            assert_eq!(model.text.lm_head.blocks.len(), vocab.div_ceil(7));
+            let ids = io.ids("text.input_ids");
+            let taps: Vec<usize> = (0..=model.num_layers()).collect();
+            let out = model
+                .forward(
+                    VlmInput {
+                        ids: &ids,
+                        pixel_values: None,
+                        attention_mask: None,
+                    },
+                    &taps,
+                )
+                .expect("forward");
+            for (i, state) in out.taps {
+                let name = format!("text.hidden_states.{i}");
+                assert_close(
+                    &format!("{case} {dev_name} blocked {name}"),
+                    state,
+                    io.floats(&name),
+                );
+            }
+            assert_close(
+                &format!("{case} {dev_name} blocked text.logits"),
+                model.text.logits(out.last),
+                io.floats("text.logits"),
+            );
+        }
+    }
+}

@@ -104,6 +104,16 @@ impl VocabBlocks {
         Self { blocks, block_rows }
     }
 
+    /// Blocks already split (all but the last of equal rows, as [`VocabBlocks::split`] and
+    /// `Weights::take_row_blocks` make them).
+    pub fn from_blocks(blocks: Vec<Tensor<2>>) -> Self {
+        let block_rows = blocks.first().map_or(1, |b| b.dims()[0].max(1));
+        Self {
+            blocks: blocks.into_iter().map(Param::from_tensor).collect(),
+            block_rows,
+        }
+    }
+
     /// The whole matrix's `[vocab, hidden]`.
     pub fn dims(&self) -> [usize; 2] {
         let vocab = self.blocks.iter().map(|b| b.dims()[0]).sum();
@@ -217,16 +227,20 @@ impl Qwen2Model {
     ) -> Result<Self, VlmError> {
         let h = c.hidden_size;
         let (nh, nkv, hd) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
-        let embed: Tensor<2> = if tie {
-            w.peek("text.embed_tokens.weight", [c.vocab_size, h], device)?
+        // Row blocks straight from the weights: a real embedding is larger than one buffer
+        // may be on a browser adapter.
+        let (shape, limit) = ([c.vocab_size, h], w.max_tensor_bytes());
+        let embed = if tie {
+            w.peek_row_blocks("text.embed_tokens.weight", shape, limit, device)?
         } else {
-            w.take("text.embed_tokens.weight", [c.vocab_size, h], device)?
+            w.take_row_blocks("text.embed_tokens.weight", shape, limit, device)?
         };
-        let lm_head = if tie {
-            w.take("text.embed_tokens.weight", [c.vocab_size, h], device)?
+        let head_name = if tie {
+            "text.embed_tokens.weight"
         } else {
-            w.take("lm_head.weight", [c.vocab_size, h], device)?
+            "lm_head.weight"
         };
+        let lm_head = w.take_row_blocks(head_name, shape, limit, device)?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("text.layers.{i}");
@@ -265,10 +279,10 @@ impl Qwen2Model {
             });
         }
         Ok(Self {
-            embed_tokens: VocabBlocks::split(embed, MAX_BINDING_BYTES),
+            embed_tokens: VocabBlocks::from_blocks(embed),
             layers,
             norm: RmsNorm::load(w, "text.norm", h, c.rms_norm_eps, device)?,
-            lm_head: VocabBlocks::split(lm_head, MAX_BINDING_BYTES),
+            lm_head: VocabBlocks::from_blocks(lm_head),
             theta: c.theta(),
         })
     }

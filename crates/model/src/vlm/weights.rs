@@ -22,6 +22,7 @@ use std::collections::HashMap;
 use burn::tensor::{Device, Tensor, TensorData};
 
 use super::VlmError;
+use super::text::MAX_BINDING_BYTES;
 use crate::linear::{LinearW, QuantStore};
 
 /// Checkpoint tensors keyed by canonical name, taken one by one while the model is built.
@@ -35,6 +36,9 @@ pub struct Weights {
     quant: QuantStore,
     /// Recording mode: a missing tensor is recorded here and given as zeros.
     asked: Option<Vec<(String, Vec<usize>)>>,
+    /// On the device, a 2-D tensor larger than this (bytes of f32) is uploaded in row blocks,
+    /// so no single buffer passes the adapter's binding limit.
+    max_tensor_bytes: usize,
 }
 
 /// Where one tensor waits to be taken.
@@ -43,6 +47,60 @@ enum Stored {
     /// Flattened on the device; reshaped when taken (boxed: a tensor handle is much larger
     /// than a `Vec`).
     Device(Box<Tensor<1>>),
+    /// A 2-D tensor over the size limit, as row blocks on the device.
+    DeviceRows(Vec<Tensor<2>>),
+}
+
+/// Rows per block so that a block of `cols` f32 columns stays within `max_bytes`.
+pub fn block_rows(rows: usize, cols: usize, max_bytes: usize) -> usize {
+    (max_bytes / (4 * cols.max(1))).clamp(1, rows.max(1))
+}
+
+impl Stored {
+    /// A handle to the same data (device tensors share their buffers; host data is copied).
+    fn clone_handle(&self) -> Stored {
+        match self {
+            Stored::Host(v) => Stored::Host(v.clone()),
+            Stored::Device(t) => Stored::Device(t.clone()),
+            Stored::DeviceRows(b) => Stored::DeviceRows(b.clone()),
+        }
+    }
+
+    /// The tensor in one piece.
+    fn whole<const D: usize>(self, shape: [usize; D], device: &Device) -> Tensor<D> {
+        match self {
+            Stored::Host(values) => Tensor::from_data(TensorData::new(values, shape), device),
+            Stored::Device(flat) => flat.to_device(device).reshape(shape),
+            Stored::DeviceRows(blocks) => Tensor::cat(blocks, 0).to_device(device).reshape(shape),
+        }
+    }
+
+    /// The 2-D tensor as row blocks of at most `max_bytes` (f32) each.
+    fn row_blocks(self, shape: [usize; 2], max_bytes: usize, device: &Device) -> Vec<Tensor<2>> {
+        let [rows, cols] = shape;
+        let per = block_rows(rows, cols, max_bytes);
+        match self {
+            Stored::Host(values) => values
+                .chunks(per * cols.max(1))
+                .map(|c| {
+                    let r = c.len() / cols.max(1);
+                    Tensor::from_data(TensorData::new(c.to_vec(), [r, cols]), device)
+                })
+                .collect(),
+            Stored::DeviceRows(blocks)
+                if blocks.iter().rev().skip(1).all(|b| b.dims()[0] == per)
+                    && blocks.last().is_some_and(|b| b.dims()[0] <= per) =>
+            {
+                blocks.into_iter().map(|b| b.to_device(device)).collect()
+            }
+            other => {
+                let whole: Tensor<2> = other.whole(shape, device);
+                (0..rows.div_ceil(per))
+                    .map(|i| whole.clone().narrow(0, i * per, per.min(rows - i * per)))
+                    .collect()
+            }
+        }
+    }
 }
 
 impl Weights {
@@ -53,6 +111,7 @@ impl Weights {
             device: None,
             quant: QuantStore::default(),
             asked: None,
+            max_tensor_bytes: MAX_BINDING_BYTES,
         }
     }
 
@@ -77,6 +136,15 @@ impl Weights {
             device: Some(device.clone()),
             quant: QuantStore::default(),
             asked: None,
+            max_tensor_bytes: MAX_BINDING_BYTES,
+        }
+    }
+
+    /// [`Weights::on_device`] with another limit for uploading 2-D tensors in row blocks.
+    pub fn on_device_with_limit(device: &Device, max_tensor_bytes: usize) -> Self {
+        Self {
+            max_tensor_bytes: max_tensor_bytes.max(4),
+            ..Self::on_device(device)
         }
     }
 
@@ -100,6 +168,18 @@ impl Weights {
         }
         for (canonical, values, shape) in canonical_names(name, values, shape)? {
             let stored = match &self.device {
+                Some(device) if shape.len() == 2 && values.len() * 4 > self.max_tensor_bytes => {
+                    let (rows, cols) = (shape[0], shape[1]);
+                    let per = block_rows(rows, cols, self.max_tensor_bytes);
+                    let blocks = values
+                        .chunks(per * cols.max(1))
+                        .map(|chunk| {
+                            let r = chunk.len() / cols.max(1);
+                            Tensor::from_data(TensorData::new(chunk.to_vec(), [r, cols]), device)
+                        })
+                        .collect();
+                    Stored::DeviceRows(blocks)
+                }
                 Some(device) => {
                     let n = values.len();
                     Stored::Device(Box::new(Tensor::from_data(
@@ -112,6 +192,11 @@ impl Weights {
             self.tensors.insert(canonical, (stored, shape));
         }
         Ok(())
+    }
+
+    /// The size over which 2-D tensors are kept in row blocks (bytes of f32).
+    pub fn max_tensor_bytes(&self) -> usize {
+        self.max_tensor_bytes
     }
 
     /// Whether a canonical name is present.
@@ -143,10 +228,46 @@ impl Weights {
             .remove(name)
             .ok_or_else(|| VlmError::MissingTensor(name.to_string()))?;
         check_shape(name, &got, &shape)?;
-        Ok(match stored {
-            Stored::Host(values) => Tensor::from_data(TensorData::new(values, shape), device),
-            Stored::Device(flat) => flat.to_device(device).reshape(shape),
-        })
+        Ok(stored.whole(shape, device))
+    }
+
+    /// Take a 2-D tensor of exactly `shape` as row blocks of at most `max_bytes` (f32) each,
+    /// never as one buffer: for matrices over the adapter's binding limit (the embedding).
+    pub fn take_row_blocks(
+        &mut self,
+        name: &str,
+        shape: [usize; 2],
+        max_bytes: usize,
+        device: &Device,
+    ) -> Result<Vec<Tensor<2>>, VlmError> {
+        if let Some(asked) = self.record(name, &shape) {
+            return Ok(vec![untouched_zeros(asked, device)]);
+        }
+        let (stored, got) = self
+            .tensors
+            .remove(name)
+            .ok_or_else(|| VlmError::MissingTensor(name.to_string()))?;
+        check_shape(name, &got, &shape)?;
+        Ok(stored.row_blocks(shape, max_bytes, device))
+    }
+
+    /// [`Weights::take_row_blocks`] without removing the tensor (for tied weights).
+    pub fn peek_row_blocks(
+        &self,
+        name: &str,
+        shape: [usize; 2],
+        max_bytes: usize,
+        device: &Device,
+    ) -> Result<Vec<Tensor<2>>, VlmError> {
+        if self.asked.is_some() {
+            return Ok(vec![untouched_zeros(shape, device)]);
+        }
+        let (stored, got) = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| VlmError::MissingTensor(name.to_string()))?;
+        check_shape(name, got, &shape)?;
+        Ok(stored.clone_handle().row_blocks(shape, max_bytes, device))
     }
 
     /// A copy of a tensor (for tied weights), without removing it.
@@ -165,12 +286,7 @@ impl Weights {
             .get(name)
             .ok_or_else(|| VlmError::MissingTensor(name.to_string()))?;
         check_shape(name, got, &shape)?;
-        Ok(match stored {
-            Stored::Host(values) => {
-                Tensor::from_data(TensorData::new(values.clone(), shape), device)
-            }
-            Stored::Device(flat) => (**flat).clone().to_device(device).reshape(shape),
-        })
+        Ok(stored.clone_handle().whole(shape, device))
     }
 
     /// Names not taken by the model, sorted (checkpoint keys the model does not know).
