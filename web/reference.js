@@ -43,9 +43,17 @@ export function checkSelfTest(report) {
   const { rows, cols, out } = report.shape;
   const mm = matmul(report.x, report.w, rows, cols, out);
   const rms = rmsNorm(report.x, report.weight, rows, cols, report.eps);
+  // Quantized Linears: y = x · wᵀ with w the host's dequantized weight ([n, k]).
+  const quant = (report.quant ?? []).map((q) => {
+    const wt = new Float64Array(q.k * q.n);
+    for (let j = 0; j < q.n; j++) for (let p = 0; p < q.k; p++) wt[p * q.n + j] = q.w[j * q.k + p];
+    const y = matmul(q.x, wt, q.m, q.k, q.n);
+    return { name: `${q.name}, WGSL dequantize-matmul`, worst: worstError(q.kernel, y, { atol: 1e-4 }) };
+  });
   return [
     { name: 'matmul (burn)', worst: worstError(report.matmul, mm) },
     { name: 'RMSNorm, fused WGSL kernel', worst: worstError(report.rms_norm_fused, rms) },
     { name: 'RMSNorm, burn tensor ops', worst: worstError(report.rms_norm_reference, rms) },
+    ...quant,
   ].map((row) => ({ ...row, pass: row.worst <= 1 }));
 }

@@ -26,6 +26,9 @@ test('the page runs burn on WebGPU and its numbers match a CPU reference', { tim
   // The fused kernel really ran (a non-wgpu device would give null) and every number agrees.
   const report = state.selftest;
   assert.ok(Array.isArray(report.rms_norm_fused), 'the fused WGSL kernel did not run');
+  // The int8 / int4 dequantize-matmul kernels ran too (mat-vec and dequant + matmul).
+  assert.equal(report.quant.length, 4);
+  for (const q of report.quant) assert.ok(Array.isArray(q.kernel), `${q.name}: the kernel did not run`);
   for (const check of checkSelfTest(report)) {
     assert.ok(check.pass, `${check.name}: worst error ${check.worst} of tolerance`);
   }

@@ -1,5 +1,6 @@
-//! A small device self-test: one matmul and one RMSNorm (fused kernel and tensor-op reference)
-//! on deterministic inputs, read back asynchronously so the same code runs in the browser.
+//! A small device self-test: one matmul, one RMSNorm (fused kernel and tensor-op reference)
+//! and the int8 / int4 dequantize-matmul kernels on deterministic inputs, read back
+//! asynchronously so the same code runs in the browser.
 //!
 //! The report carries the inputs too, so a checker with its own CPU arithmetic (the browser
 //! test in JavaScript, the native test in f64 Rust) can recompute every number independently.
@@ -7,6 +8,9 @@
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::Serialize;
 
+use unifusion_weights::quant::{QuantBits, quantize};
+
+use crate::dequant_matmul::{QuantLinear, dequant_matmul_fused};
 use crate::{rms_norm_fused, rms_norm_reference};
 
 /// Sizes of the self-test problem.
@@ -48,6 +52,29 @@ pub struct SelfTestReport {
     pub rms_norm_fused: Option<Vec<f32>>,
     /// Tensor-op RMSNorm.
     pub rms_norm_reference: Vec<f32>,
+    /// Quantized Linears through the WGSL dequantize-matmul kernels.
+    pub quant: Vec<QuantCheck>,
+}
+
+/// One quantized Linear: `y = x · Wᵀ` with the weight quantized on the host; `w` is the
+/// host's dequantization (`QuantizedWeight::dequantize`, no GPU involved), so a checker can
+/// recompute `y` from `x` and `w` alone.
+#[derive(Debug, Clone, Serialize)]
+pub struct QuantCheck {
+    /// e.g. `"q4 mat-vec, 1 row"`.
+    pub name: String,
+    /// Rows of `x`.
+    pub m: usize,
+    /// Inputs.
+    pub k: usize,
+    /// Outputs.
+    pub n: usize,
+    /// `[m, k]`
+    pub x: Vec<f32>,
+    /// Dequantized weight `[n, k]` (PyTorch orientation).
+    pub w: Vec<f32>,
+    /// The kernel's `y` `[m, n]`, or `None` when the device is not a wgpu device.
+    pub kernel: Option<Vec<f32>>,
 }
 
 /// Deterministic values in [-2, 2) from a SplitMix64 stream (no RNG crate needed for a fixture).
@@ -83,6 +110,15 @@ pub async fn run(device: &Device, shape: SelfTestShape) -> Result<SelfTestReport
         Err(_) => None,
     };
     let rms_norm_reference = read(rms_norm_reference(xt, weight_t, eps)).await?;
+    let mut quant = Vec::new();
+    for (bits, m, variant) in [
+        (QuantBits::Q8, 1, "mat-vec"),
+        (QuantBits::Q4, 3, "mat-vec"),
+        (QuantBits::Q8, 37, "dequant + matmul"),
+        (QuantBits::Q4, 37, "dequant + matmul"),
+    ] {
+        quant.push(quant_check(device, bits, m, variant).await?);
+    }
 
     Ok(SelfTestReport {
         shape,
@@ -93,6 +129,37 @@ pub async fn run(device: &Device, shape: SelfTestShape) -> Result<SelfTestReport
         matmul,
         rms_norm_fused,
         rms_norm_reference,
+        quant,
+    })
+}
+
+/// `K = 64`, `N = 19`, group 32: two groups per row, an odd number of outputs.
+async fn quant_check(
+    device: &Device,
+    bits: QuantBits,
+    m: usize,
+    variant: &str,
+) -> Result<QuantCheck, String> {
+    let (k, n) = (64, 19);
+    let x = fixture_values(4, m * k);
+    let q = quantize(&fixture_values(5, n * k), n, k, bits, 32).map_err(|e| e.to_string())?;
+    let layer = QuantLinear::new(&q, None, device).map_err(|e| e.to_string())?;
+    let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [m, k]), device);
+    let kernel = match dequant_matmul_fused(xt, &layer) {
+        Ok(y) => Some(read(y).await?),
+        Err(_) => None,
+    };
+    Ok(QuantCheck {
+        name: format!(
+            "{} {variant}, {m} rows",
+            bits.suffix().trim_start_matches('.')
+        ),
+        m,
+        k,
+        n,
+        x,
+        w: q.dequantize(),
+        kernel,
     })
 }
 
@@ -132,6 +199,26 @@ mod tests {
                 (a - b).abs() <= 1e-5 + 1e-5 * b.abs(),
                 "fused {a} vs reference {b}"
             );
+        }
+        assert_eq!(report.quant.len(), 4);
+        for q in &report.quant {
+            let y = q
+                .kernel
+                .as_ref()
+                .expect("the quantized kernels run on wgpu");
+            for i in 0..q.m {
+                for j in 0..q.n {
+                    let want: f64 = (0..q.k)
+                        .map(|p| q.x[i * q.k + p] as f64 * q.w[j * q.k + p] as f64)
+                        .sum();
+                    let got = y[i * q.n + j] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-4 + 1e-4 * want.abs(),
+                        "{}: y[{i},{j}] {got} vs {want}",
+                        q.name
+                    );
+                }
+            }
         }
     }
 
