@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod device;
 mod edit;
+mod eval;
 mod generate;
 mod image_io;
 mod inspect;
@@ -44,6 +45,9 @@ enum Command {
     Edit(edit::EditArgs),
     /// A variation of one or more images (no prompt).
     Variation(edit::VariationArgs),
+    /// The demo world's benchmark: held-out prompts, edits, multi-reference and variation,
+    /// judged exactly (or your own `--cases`).
+    Eval(eval::Args),
     /// Write a seeded tiny random model directory (noise images; for trying the tools).
     MakeTinyModel(tiny_model::Args),
     /// Train the demo-world model (tokenizer, VAE, ...), resumable (docs/TRAINING.md).
@@ -88,6 +92,7 @@ fn main() -> ExitCode {
         Command::Edit(a) => edit::run_edit(a),
         Command::Variation(a) => edit::run_variation(a),
         Command::MakeTinyModel(a) => tiny_model::run(a),
+        Command::Eval(a) => eval::run(a),
         Command::Train(a) => train::run(a),
     };
     match result {

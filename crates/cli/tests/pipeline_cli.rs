@@ -343,3 +343,96 @@ fn packed_model_streams_in_and_matches_the_unpacked_one() {
     assert!(!out.exists(), "no image from a corrupt model");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn eval_scores_held_out_prompts_and_own_cases() {
+    let dir = scratch("eval");
+    let model = dir.join("model");
+    let m = model.to_str().expect("test value");
+    assert!(unifusion(&["make-tiny-model", "--out", m]).status.success());
+    let json = dir.join("eval.json");
+    let o = unifusion(&[
+        "eval",
+        "--model",
+        m,
+        "--prompts",
+        "2",
+        "--seeds",
+        "2",
+        "--steps",
+        "1",
+        "--size",
+        "32",
+        "--quiet",
+        "--json",
+        json.to_str().expect("test value"),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("json")).expect("parses");
+    assert_eq!(report["t2i"]["images"], 4);
+    assert_eq!(report["variation"]["images"], 4);
+    assert_eq!(report["edit"]["cases"], 4);
+    for (block, key) in [
+        ("t2i", "micro_avg"),
+        ("t2i", "micro_best4"),
+        ("t2i", "macro_avg"),
+        ("t2i", "macro_best4"),
+        ("edit", "adherence"),
+        ("edit", "identity"),
+        ("multi_reference", "adherence"),
+        ("variation", "micro_avg"),
+    ] {
+        let v = report[block][key].as_f64().expect("a number");
+        assert!((0.0..=1.0).contains(&v), "{block}.{key} = {v}");
+    }
+    let best = report["t2i"]["micro_best4"].as_f64().expect("number");
+    let avg = report["t2i"]["micro_avg"].as_f64().expect("number");
+    assert!(
+        best + 1e-12 >= avg,
+        "best-of-N {best} below the average {avg}"
+    );
+    assert_eq!(
+        report["t2i"]["per_category"].as_object().map(|c| c.len()),
+        Some(5)
+    );
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("| micro avg |"), "{stdout}");
+
+    // Own cases; a bad line is named.
+    let cases = dir.join("cases.jsonl");
+    let good = r#"{"prompt": "a red circle top left", "scene": {"background":"white","objects":[{"shape":"circle","color":"red","size":"large","cell":[0,0]}]}}"#;
+    std::fs::write(&cases, format!("{good}\n\n{good}\n")).expect("write");
+    let c = cases.to_str().expect("test value");
+    let o = unifusion(&[
+        "eval",
+        "--model",
+        m,
+        "--cases",
+        c,
+        "--seeds",
+        "1",
+        "--steps",
+        "1",
+        "--size",
+        "32",
+        "--quiet",
+        "--json",
+        json.to_str().expect("test value"),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("json")).expect("parses");
+    assert_eq!(report["t2i"]["images"], 2);
+    assert!(report.get("edit").is_none());
+    std::fs::write(
+        &cases,
+        format!("{good}\n{{\"prompt\": \"x\", \"scene\": {{\"background\":\"white\",\"objects\":[{{\"shape\":\"hexagon\",\"color\":\"red\",\"size\":\"large\",\"cell\":[0,0]}}]}}}}\n"),
+    )
+    .expect("write");
+    let o = unifusion(&["eval", "--model", m, "--cases", c, "--quiet"]);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("line 2") && err.contains("hexagon"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
