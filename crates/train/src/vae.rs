@@ -53,9 +53,9 @@ impl VaeStageConfig {
                 latent_channels: 4,
                 ..AutoencoderTinyConfig::taef1()
             },
-            batch: 16,
+            batch: 8,
             optim: OptimConfig {
-                steps: 800,
+                steps: 1600,
                 lr: 2e-3,
                 warmup: 50,
                 final_lr_fraction: 0.05,
