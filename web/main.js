@@ -4,6 +4,7 @@
 import { addTextChunks } from './png.js';
 import { checkSelfTest } from './reference.js';
 import { UniFusion } from './unifusion.js';
+import * as weightCache from './weights.js';
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -144,7 +145,7 @@ async function loadModel() {
 
 async function refreshCache() {
   try {
-    const c = await state.uf.cacheInfo();
+    const c = await (state.uf ?? weightCache).cacheInfo();
     state.cache = c;
     $('cache-size').textContent =
       `${mb(c.bytes)} in ${c.shards} cached files` +
@@ -346,7 +347,8 @@ function wire() {
     }
   });
   $('clear-cache').onclick = async () => {
-    await state.uf.clearCache();
+    // Works without WebGPU too: the cache is plain IndexedDB.
+    await (state.uf ?? weightCache).clearCache();
     notice('The cached model was deleted; the next visit downloads it again.');
     refreshCache();
   };
@@ -365,6 +367,7 @@ async function main() {
   setBusy(false);
   if (!('gpu' in navigator)) {
     document.body.dataset.webgpu = 'missing';
+    refreshCache();
     throw new Error(
       'This browser has no WebGPU, which UniFusion-Web needs to run the model on your GPU. Use a recent Chrome, Edge or Safari (or Firefox 141+), or enable WebGPU in the browser settings.',
     );

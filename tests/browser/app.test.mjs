@@ -99,10 +99,15 @@ async function fillRequest(page, r = REQUEST) {
 }
 
 /** Clicks `button`, waits for the gallery to grow; returns the new result with pixel stats. */
-async function runFromUi(session, button = '#generate') {
+async function runFromUi(session, button = '#generate', busyShot = null) {
   const { page } = session;
   const before = await page.evaluate(() => window.unifusion.results.length);
   await page.click(button);
+  if (busyShot) {
+    await page.waitForFunction(() => document.body.dataset.state === 'busy');
+    assert.equal(await page.isDisabled('#cancel'), false, 'cancel is offered while it runs');
+    await shot(page, busyShot);
+  }
   await page.waitForFunction(
     (n) => window.unifusion.results.length > n || (window.unifusion.error && !window.unifusion.busy),
     before,
@@ -150,7 +155,7 @@ test('load → generate (same image as the native CLI) → reload from the cache
   await shot(page, '1-model-loaded');
 
   await fillRequest(page);
-  const first = await runFromUi(session);
+  const first = await runFromUi(session, '#generate', '2-generating');
   await shot(page, '2-generated');
   assert.equal(first.task, 'text-to-image');
   assert.equal(first.width, REQUEST.width);
@@ -346,4 +351,17 @@ test('refuses a model too large for the adapter before downloading it; cancel; r
   assert.equal(out.reloaded.fromCache, MANIFEST.shards.length + 1);
   assert.equal(out.notices.length, 1);
   assert.deepEqual(out.size, [32, 32]);
+});
+
+test('without WebGPU the page says so plainly and loads nothing', { timeout: 120_000 }, async (t) => {
+  const bytes = byteCounter();
+  const session = await openPage(t, '/?app=0', { onSent: bytes.onSent });
+  const { page } = session;
+  await page.addInitScript(() => delete Navigator.prototype.gpu);
+  await page.goto(new URL('/', session.base).href);
+  await page.waitForFunction(() => document.body.dataset.state === 'error');
+  assert.match(await page.textContent('#status'), /no WebGPU/);
+  assert.equal(await page.isDisabled('#generate'), true);
+  assert.equal(bytes.shardBytes(), 0);
+  await shot(page, '0-no-webgpu');
 });
