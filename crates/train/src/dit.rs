@@ -25,14 +25,14 @@ use unifusion_model::generator::{Krea2Transformer, RopeTable, patchify, position
 use unifusion_model::pipeline::config::VERIFI_SYSTEM_PROMPT;
 use unifusion_model::pipeline::verifi::chat_tokens;
 use unifusion_model::vlm::processor::VlmTokenizer;
-use unifusion_model::vlm::{GenerateOptions, InternVl, InternVlConfig, VlmInput};
+use unifusion_model::vlm::{GenerateOptions, InternVl, InternVlConfig};
 
 use crate::data::{Sample, TaskMix, mix, sample};
 use crate::named::{Init, NamedParams, NamedTensors, Recorder, read_safetensors};
 use crate::tokenizer::IM_END;
 use crate::trainer::{OptimConfig, Stage, Trainable};
 use crate::vae::image_batch_of;
-use crate::vlm::{VlmBatch, make_batch};
+use crate::vlm::{VlmBatch, forward_shared_prefix, make_batch};
 use crate::{Backend, TrainError};
 
 /// The DiT stage's settings.
@@ -200,36 +200,27 @@ impl Frozen {
     pub fn conditions(&self, batch: VlmBatch) -> Result<Vec<Tensor<3>>, TrainError> {
         let device = self.vlm.text.embed_tokens.device();
         let seq = batch.ids.first().map(Vec::len).unwrap_or(0);
-        let out = self
-            .vlm
-            .forward(
-                VlmInput {
-                    ids: &batch.ids,
-                    pixel_values: batch.pixels,
-                    attention_mask: None,
-                },
-                &self.taps,
-            )
-            .map_err(|e| TrainError::Model(e.to_string()))?;
-        let hidden = out.last.dims()[2];
         let b = batch.ids.len();
-        // [B·S, n_taps, h]
+        let spans = batch.spans.clone();
+        let image_positions = batch.image_positions.clone();
+        let (out, prefix) = forward_shared_prefix(&self.vlm, batch, &self.taps)?;
+        let rest = seq - prefix;
+        let hidden = out.last.dims()[2];
+        // [B·rest, n_taps, h]
         let stacked = Tensor::cat(
             out.taps
                 .into_iter()
-                .map(|(_, t)| t.reshape([b * seq, 1, hidden]))
+                .map(|(_, t)| t.reshape([b * rest, 1, hidden]))
                 .collect(),
             1,
         );
         let mut conds = Vec::with_capacity(b);
-        for (row, (&(start, end), images)) in
-            batch.spans.iter().zip(&batch.image_positions).enumerate()
-        {
+        for (row, (&(start, end), images)) in spans.iter().zip(&image_positions).enumerate() {
             let rows: Vec<i64> = images
                 .iter()
                 .copied()
                 .chain(start..end)
-                .map(|p| (row * seq + p) as i64)
+                .map(|p| (row * rest + p - prefix) as i64)
                 .collect();
             let n = rows.len();
             let index = Tensor::<1, Int>::from_data(TensorData::new(rows, [n]), &device);

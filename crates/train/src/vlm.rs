@@ -23,7 +23,7 @@ use unifusion_model::pipeline::config::VERIFI_SYSTEM_PROMPT;
 use unifusion_model::pipeline::verifi::{Tokenize, chat_tokens};
 use unifusion_model::vlm::processor::{RgbImage, VlmTokenizer, preprocess_image};
 use unifusion_model::vlm::weights::transformers_name;
-use unifusion_model::vlm::{InternVl, InternVlConfig, VlmError, VlmInput, Weights};
+use unifusion_model::vlm::{InternVl, InternVlConfig, KvCache, TextOutput, VlmError, Weights};
 
 use crate::data::{Sample, TaskMix, mix, sample};
 use crate::named::{Init, NamedParams, NamedTensors, safetensors_bytes};
@@ -267,30 +267,74 @@ pub fn make_batch(
     })
 }
 
+/// One forward over `batch` that runs the rows' shared prefix once: the longest common
+/// prefix of the ids before any `<IMG_CONTEXT>` (the chat head with the VERIFI system
+/// prompt, about two thirds of a sequence) goes through the decoder at batch 1, its keys
+/// and values are repeated over the rows, and the rest of every row continues from them.
+/// Causal attention makes this equal to one forward over the whole rows
+/// (test `shared_prefix_forward_equals_the_plain_forward`). Returns the outputs of the rest
+/// (`[batch, seq − prefix, …]`) and the prefix length.
+pub fn forward_shared_prefix(
+    model: &InternVl,
+    batch: VlmBatch,
+    taps: &[usize],
+) -> Result<(TextOutput, usize), TrainError> {
+    let device = model.text.embed_tokens.device();
+    let first = batch.ids.first().cloned().unwrap_or_default();
+    let mut prefix = first
+        .iter()
+        .position(|&id| id == model.image_token_id)
+        .unwrap_or(first.len());
+    for row in &batch.ids {
+        let common = row.iter().zip(&first).take_while(|(a, b)| a == b).count();
+        let image = row
+            .iter()
+            .position(|&id| id == model.image_token_id)
+            .unwrap_or(row.len());
+        prefix = prefix.min(common).min(image);
+    }
+    // At least one token must be left per row.
+    prefix = prefix.min(first.len().saturating_sub(1));
+    let model_err = |e: unifusion_model::vlm::VlmError| TrainError::Model(e.to_string());
+    let mut cache = KvCache::new(model.num_layers());
+    if prefix > 0 {
+        let embeds = model.text.embed(&first[..prefix], &device).unsqueeze::<3>();
+        model
+            .text
+            .forward(embeds, &mut cache, None, &[])
+            .map_err(model_err)?;
+        cache = cache.expand_batch(batch.ids.len());
+    }
+    let rest: Vec<Vec<u32>> = batch.ids.iter().map(|r| r[prefix..].to_vec()).collect();
+    let embeds = model
+        .embed(&rest, batch.pixels, &device)
+        .map_err(model_err)?;
+    let out = model
+        .text
+        .forward(embeds, &mut cache, None, taps)
+        .map_err(model_err)?;
+    Ok((out, prefix))
+}
+
 /// Mean next-token cross-entropy over the answers of `batch` (and the number of tokens).
 pub fn lm_loss(model: &InternVl, batch: VlmBatch) -> Result<(Tensor<1>, usize), TrainError> {
     let device = model.text.embed_tokens.device();
     let seq = batch.ids.first().map(Vec::len).unwrap_or(0);
-    let out = model
-        .forward(
-            VlmInput {
-                ids: &batch.ids,
-                pixel_values: batch.pixels,
-                attention_mask: None,
-            },
-            &[],
-        )
-        .map_err(|e| TrainError::Model(e.to_string()))?;
+    let ids = batch.ids.clone();
+    let spans = batch.spans.clone();
+    let (out, prefix) = forward_shared_prefix(model, batch, &[])?;
+    let rest = seq - prefix;
     let (mut rows, mut targets) = (Vec::new(), Vec::new());
-    for (b, &(start, end)) in batch.spans.iter().enumerate() {
-        for p in start - 1..end - 1 {
-            rows.push((b * seq + p) as i64);
-            targets.push(batch.ids[b][p + 1] as i64);
+    for (b, &(start, end)) in spans.iter().enumerate() {
+        // The answer starts after the prompt, so every predicting position is past the prefix.
+        for p in (start - 1).max(prefix)..end - 1 {
+            rows.push((b * rest + p - prefix) as i64);
+            targets.push(ids[b][p + 1] as i64);
         }
     }
     let n = rows.len();
     let hidden = out.last.dims()[2];
-    let states = out.last.reshape([batch.ids.len() * seq, hidden]).select(
+    let states = out.last.reshape([ids.len() * rest, hidden]).select(
         0,
         Tensor::<1, Int>::from_data(TensorData::new(rows, [n]), &device),
     );
@@ -466,6 +510,63 @@ impl Stage for VlmStage {
 mod tests {
     use super::*;
     use crate::trainer::run_stage;
+
+    #[test]
+    fn shared_prefix_forward_equals_the_plain_forward() {
+        let corpus = crate::data::text_corpus(2, 100);
+        let json = crate::tokenizer::train_bpe(&corpus, 320).expect("tokenizer");
+        let tok = VlmTokenizer::from_bytes(json.as_bytes()).expect("loads");
+        let config = VlmStageConfig::tiny(320);
+        let device = Device::flex();
+        let (model, _) = init_vlm(&config.vlm, 3, &device).expect("vlm");
+        let mix = TaskMix {
+            caption: 1.0,
+            rewrite: 1.0,
+            edit: 1.0,
+            transfer: 1.0,
+        };
+        let samples: Vec<Sample> = (0..4).map(|i| sample(8, i, &mix)).collect();
+        let batch = || make_batch(&samples, &tok, &config.vlm, 32, &device).expect("batch");
+        let taps = [0, 2, 3];
+        let b = batch();
+        let ids = b.ids.clone();
+        let plain = model
+            .forward(
+                unifusion_model::vlm::VlmInput {
+                    ids: &b.ids,
+                    pixel_values: b.pixels,
+                    attention_mask: None,
+                },
+                &taps,
+            )
+            .expect("forward");
+        let (shared, prefix) = forward_shared_prefix(&model, batch(), &taps).expect("forward");
+        assert!(prefix > 100, "the VERIFI head is shared ({prefix} tokens)");
+        let seq = ids[0].len();
+        let rest = |t: Tensor<3>| t.narrow(1, prefix, seq - prefix);
+        let pairs = plain
+            .taps
+            .into_iter()
+            .zip(shared.taps)
+            .map(|((_, a), (_, b))| (rest(a), b))
+            .chain([(rest(plain.last), shared.last)]);
+        for (a, b) in pairs {
+            let (a, b) = (to_vec(a), to_vec(b));
+            let worst = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-4, "max difference {worst}");
+        }
+    }
+
+    fn to_vec(t: Tensor<3>) -> Vec<f32> {
+        t.into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .expect("f32")
+    }
 
     #[test]
     fn short_run_reduces_the_lm_loss_and_the_checkpoint_loads_in_the_model_crate() {

@@ -207,6 +207,24 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+    /// A one-row cache repeated over `batch` rows: a prefix every row shares (the system
+    /// prompt, in training) is run once and the rows continue from it.
+    pub fn expand_batch(self, batch: usize) -> Self {
+        let layers = self
+            .layers
+            .into_iter()
+            .map(|kv| {
+                kv.map(|(k, v)| {
+                    let [_, h, l, d] = k.dims();
+                    (k.expand([batch, h, l, d]), v.expand([batch, h, l, d]))
+                })
+            })
+            .collect();
+        Self {
+            layers,
+            len: self.len,
+        }
+    }
 }
 
 /// What one pass of the decoder returns.
