@@ -365,3 +365,23 @@ test('without WebGPU the page says so plainly and loads nothing', { timeout: 120
   assert.equal(bytes.shardBytes(), 0);
   await shot(page, '0-no-webgpu');
 });
+
+test('a storage quota too small for the model: it loads uncached, says so, and generates', { timeout: 600_000 }, async (t) => {
+  const session = await openPage(t, '/?app=0');
+  const { page } = session;
+  // A real quota (Chromium's own override), so the worker's IndexedDB writes really fail.
+  const cdp = await session.context.newCDPSession(page);
+  await cdp.send('Storage.overrideQuotaForOrigin', { origin: new URL(session.base).origin, quotaSize: 64 * 1024 });
+  await page.setViewportSize({ width: 1100, height: 1000 });
+  await page.goto(new URL('/', session.base).href);
+  await waitForModel(session);
+  const model = await page.evaluate(() => window.unifusion.model);
+  assert.equal(model.cached, false);
+  assert.match(await page.textContent('#notices'), /quota is full/);
+  assert.match(await page.textContent('#load-text'), /not cached/);
+  await shot(page, '7-quota-full');
+  await fillRequest(page, { ...REQUEST, steps: 2 });
+  const out = await runFromUi(session);
+  assert.equal(out.width, REQUEST.width);
+  assert.ok(out.distinctColours > 50);
+});
