@@ -110,9 +110,15 @@ async function initialise() {
   return capabilities;
 }
 
+/** The VLM's embedding and lm_head are kept in vocabulary blocks of at most this many bytes
+ *  (the model crate's `MAX_BINDING_BYTES`, WebGPU's default binding limit), never as one buffer. */
+const VOCAB_BLOCK_BYTES = 128 << 20;
+const VOCAB_MATRIX = /^vlm\..*(embed_tokens|lm_head)\.weight$/;
+
 /**
  * Refuses a model this adapter cannot hold, before anything is downloaded. Every float tensor
- * is placed as f32, so its device size is elements × 4; it must fit one storage binding.
+ * is placed as f32, so its device size is elements × 4; it must fit one storage binding
+ * (the vocabulary matrices only block by block).
  */
 export function checkFits(manifest, limits) {
   const maxBinding = Math.min(limits.maxStorageBufferBindingSize ?? Infinity, limits.maxBufferSize ?? Infinity);
@@ -123,7 +129,8 @@ export function checkFits(manifest, limits) {
       const elements = t.shape.reduce((n, d) => n * d, 1);
       const bytes = elements * 4;
       total += bytes;
-      if (bytes > largest.bytes) largest = { name: t.name, bytes };
+      const buffer = VOCAB_MATRIX.test(t.name) ? Math.min(bytes, VOCAB_BLOCK_BYTES) : bytes;
+      if (buffer > largest.bytes) largest = { name: t.name, bytes: buffer };
     }
   }
   if (largest.bytes > maxBinding) {
