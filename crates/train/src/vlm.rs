@@ -590,3 +590,57 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use std::time::Instant;
+
+    /// `cargo test --workspace vlm_step_timing -- --ignored --nocapture`: a recipe VLM step
+    /// with the shared prefix and the same loss through one plain forward.
+    #[test]
+    #[ignore]
+    fn vlm_step_timing() {
+        let corpus = crate::data::text_corpus(0, 2000);
+        let json = crate::tokenizer::train_bpe(&corpus, 512).expect("tokenizer");
+        let mut stage =
+            VlmStage::new(VlmStageConfig::recipe(512), &json, 0, Backend::Flex).expect("builds");
+        for k in 0..3 {
+            let t = Instant::now();
+            stage.step(k).expect("step");
+            println!("shared-prefix step: {:.3} s", t.elapsed().as_secs_f64());
+        }
+        let samples: Vec<Sample> = (0..8).map(|i| sample(1, i, &stage.config.mix)).collect();
+        let device = stage.device.clone();
+        let batch = || {
+            make_batch(&samples, &stage.tokenizer, &stage.config.vlm, 64, &device).expect("batch")
+        };
+        println!("sequence length {}", batch().ids[0].len());
+        let t = Instant::now();
+        let (loss, _) = lm_loss(stage.vlm.model(), batch()).expect("loss");
+        let _ = loss.backward();
+        println!(
+            "shared prefix, forward + backward: {:.3} s",
+            t.elapsed().as_secs_f64()
+        );
+        let t = Instant::now();
+        let b = batch();
+        let out = stage
+            .vlm
+            .model()
+            .forward(
+                unifusion_model::vlm::VlmInput {
+                    ids: &b.ids,
+                    pixel_values: b.pixels,
+                    attention_mask: None,
+                },
+                &[],
+            )
+            .expect("forward");
+        let _ = out.last.mean().backward();
+        println!(
+            "plain, forward + backward: {:.3} s",
+            t.elapsed().as_secs_f64()
+        );
+    }
+}
