@@ -14,8 +14,8 @@ use unifusion_model::generator::vae::AutoencoderKl;
 use unifusion_model::generator::{Krea2Transformer, RandomInit};
 use unifusion_model::pipeline::tasks::{ConditionSchedule, zero_shot_switch_step};
 use unifusion_model::pipeline::{
-    Conditioning, Image, Phase, PipelineConfig, PipelineError, Request, Settings, Task, Tokenize,
-    UniFusion, Vae, VaeConfig,
+    Conditioning, Event, Image, Phase, PipelineConfig, PipelineError, Request, Settings, Task,
+    Tokenize, UniFusion, Vae, VaeConfig, Watch,
 };
 use unifusion_model::vlm::{InternVl, InternVlConfig, KvCache, VlmError, VlmInput, Weights};
 
@@ -721,4 +721,72 @@ fn bad_requests_fail_with_a_message_and_cancel_stops() {
         Err(PipelineError::Cancelled { done: 2, total: 5 })
     ));
     assert_eq!(seen, 2);
+}
+
+/// A watched run: steps synced to the device, a preview every 2 steps at the output size,
+/// the final image exactly what `run` gives; a preview can cancel.
+#[test]
+fn watched_run_syncs_steps_previews_and_equals_run() {
+    for (name, device) in devices() {
+        let p = pipeline(&device, config(), false);
+        let s = Settings {
+            steps: 5,
+            ..settings()
+        };
+        let request = Request {
+            task: Task::TextToImage,
+            prompt: "a red cube",
+            images: &[],
+        };
+        let watch = Watch {
+            sync_steps: true,
+            preview_every: 2,
+        };
+        let mut events = Vec::new();
+        let out = pollster::block_on(p.run_watched(&ByteTokenizer, &request, &s, watch, |e| {
+            match e {
+                Event::Step(progress) => events.push(format!("step {}", progress.done)),
+                Event::Preview { done, image } => {
+                    assert_eq!((image.width, image.height), (s.width, s.height));
+                    assert!(
+                        image.pixels.iter().any(|&v| v != image.pixels[0]),
+                        "constant"
+                    );
+                    events.push(format!("preview {done}"));
+                }
+            }
+            ControlFlow::Continue(())
+        }))
+        .expect("watched run");
+        assert_eq!(
+            events,
+            [
+                "step 1",
+                "step 2",
+                "preview 2",
+                "step 3",
+                "step 4",
+                "preview 4",
+                "step 5"
+            ],
+            "{name}"
+        );
+        let plain = run(&p, Task::TextToImage, "a red cube", &[], &s).expect("run");
+        assert_eq!(out.image, plain.image, "{name}: watching changes nothing");
+
+        let cancelled =
+            pollster::block_on(
+                p.run_watched(&ByteTokenizer, &request, &s, watch, |e| match e {
+                    Event::Preview { .. } => ControlFlow::Break(()),
+                    Event::Step(_) => ControlFlow::Continue(()),
+                }),
+            );
+        assert!(
+            matches!(
+                cancelled,
+                Err(PipelineError::Cancelled { done: 2, total: 5 })
+            ),
+            "{name}: {cancelled:?}"
+        );
+    }
 }

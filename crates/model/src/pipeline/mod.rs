@@ -25,7 +25,7 @@ use crate::vlm::{InternVl, InternVlConfig, VlmError};
 
 pub use condition::Conditioning;
 pub use config::{PipelineConfig, UniFusionConfig, VaeConfig, every_third_layer};
-pub use tasks::{Output, Phase, Progress, Request, Settings, Task};
+pub use tasks::{Event, Output, Phase, Progress, Request, Settings, Task, Watch};
 pub use verifi::{Condition, Image, Tokenize};
 
 /// Everything that can stop a pipeline run.

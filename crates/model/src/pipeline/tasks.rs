@@ -151,6 +151,31 @@ pub struct Output {
     pub rewrite: String,
 }
 
+/// How closely a caller watches a run ([`UniFusion::run_watched`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Watch {
+    /// Wait for the device to finish each step before reporting it: honest progress, and a
+    /// cancel that lands within one step on an asynchronous device such as WebGPU (where
+    /// steps are otherwise only queued).
+    pub sync_steps: bool,
+    /// Decode a preview of the predicted clean image every this many steps (0 = never).
+    pub preview_every: usize,
+}
+
+/// What a watched run reports.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// A step is done (finished on the device when [`Watch::sync_steps`]).
+    Step(&'a Progress),
+    /// The clean image the model predicts after step `done` (`x − σ·v`, decoded).
+    Preview {
+        /// Steps done.
+        done: usize,
+        /// The preview, at the output size.
+        image: &'a Image,
+    },
+}
+
 /// First step that is conditioned on text in a zero-shot edit of `steps` steps.
 pub fn zero_shot_switch_step(steps: usize, image_percent: f32) -> usize {
     ((image_percent as f64 / 100.0 * steps as f64).round() as usize).min(steps)
@@ -195,7 +220,30 @@ impl UniFusion {
         tokenizer: &impl Tokenize,
         request: &Request<'_>,
         settings: &Settings,
-        on_step: impl FnMut(&Progress) -> ControlFlow<()>,
+        mut on_step: impl FnMut(&Progress) -> ControlFlow<()>,
+    ) -> Result<Output, PipelineError> {
+        self.run_watched(
+            tokenizer,
+            request,
+            settings,
+            Watch::default(),
+            |e| match e {
+                Event::Step(p) => on_step(p),
+                Event::Preview { .. } => ControlFlow::Continue(()),
+            },
+        )
+        .await
+    }
+
+    /// [`UniFusion::run`] with per-step device sync and previews as `watch` asks; `on_event`
+    /// sees every step and preview; `Break` cancels.
+    pub async fn run_watched(
+        &self,
+        tokenizer: &impl Tokenize,
+        request: &Request<'_>,
+        settings: &Settings,
+        watch: Watch,
+        mut on_event: impl FnMut(Event<'_>) -> ControlFlow<()>,
     ) -> Result<Output, PipelineError> {
         request.validate()?;
         self.validate_settings(settings)?;
@@ -229,7 +277,34 @@ impl UniFusion {
                 self.text_condition(cond.states.clone(), &settings.conditioning)?,
             ),
         };
-        let latents = self.sample_latents(&schedule, null.as_ref(), settings, on_step)?;
+        let mut run = self.sampling(&schedule, null.as_ref(), settings)?;
+        let total = run.total;
+        for i in 0..total {
+            let (progress, preview_x0) = run.step(i)?;
+            if watch.sync_steps {
+                // A one-number readback waits for everything queued so far.
+                run.x
+                    .clone()
+                    .sum()
+                    .into_data_async()
+                    .await
+                    .map_err(|e| PipelineError::Device(format!("{e:?}")))?;
+            }
+            if on_event(Event::Step(&progress)).is_break() {
+                return Err(PipelineError::Cancelled { done: i + 1, total });
+            }
+            if watch.preview_every > 0 && (i + 1) % watch.preview_every == 0 && i + 1 < total {
+                let image = self.decode(run.to_latents(preview_x0)?).await?;
+                let event = Event::Preview {
+                    done: i + 1,
+                    image: &image,
+                };
+                if on_event(event).is_break() {
+                    return Err(PipelineError::Cancelled { done: i + 1, total });
+                }
+            }
+        }
+        let latents = run.to_latents(run.x.clone())?;
         let image = self.decode(latents).await?;
         let rewrite = if cond.rewrite.is_empty() {
             String::new()
@@ -252,6 +327,24 @@ impl UniFusion {
         settings: &Settings,
         mut on_step: impl FnMut(&Progress) -> ControlFlow<()>,
     ) -> Result<Tensor<4>, PipelineError> {
+        let mut run = self.sampling(schedule, null, settings)?;
+        let total = run.total;
+        for i in 0..total {
+            let (progress, _) = run.step(i)?;
+            if on_step(&progress).is_break() {
+                return Err(PipelineError::Cancelled { done: i + 1, total });
+            }
+        }
+        run.to_latents(run.x.clone())
+    }
+
+    /// The sampling loop's state: seeded noise, scheduler, RoPE tables.
+    fn sampling<'a>(
+        &'a self,
+        schedule: &'a ConditionSchedule,
+        null: Option<&'a TextCondition>,
+        settings: &'a Settings,
+    ) -> Result<Sampling<'a>, PipelineError> {
         self.validate_settings(settings)?;
         let device = self.device();
         let (h, w) = (
@@ -260,58 +353,19 @@ impl UniFusion {
         );
         let (gh, gw) = (h / 2, w / 2);
         let noise = seeded_noise::<4>(settings.seed, [1, self.latent_channels, h, w], &device);
-        let mut x = patchify(noise)?;
-        let t = &self.transformer;
-        let mut ropes: HashMap<usize, RopeTable> = HashMap::new();
-        let mut rope = |len: usize| {
-            ropes
-                .entry(len)
-                .or_insert_with(|| {
-                    RopeTable::new(
-                        &position_ids(len, gh, gw),
-                        t.rope_axes,
-                        t.rope_theta,
-                        &device,
-                    )
-                })
-                .clone()
-        };
         let scheduler = FlowMatchEuler::with_shift(settings.steps, settings.shift, gh * gw);
-        let total = scheduler.steps();
-        for i in 0..total {
-            let (cond, phase) = schedule.at(i);
-            let ts = scheduler.timestep(i);
-            let timestep = Tensor::<1>::from_data(TensorData::new(vec![ts], [1]), &device);
-            let v = t.forward_with_text(
-                x.clone(),
-                cond,
-                timestep.clone(),
-                &rope(cond.tokens.dims()[1]),
-            )?;
-            let v = match null {
-                Some(null) if settings.guidance != 1.0 => {
-                    let v_null = t.forward_with_text(
-                        x.clone(),
-                        null,
-                        timestep,
-                        &rope(null.tokens.dims()[1]),
-                    )?;
-                    v_null.clone() + (v - v_null) * settings.guidance
-                }
-                _ => v,
-            };
-            x = scheduler.step(i, x, v);
-            let progress = Progress {
-                done: i + 1,
-                total,
-                sigma: scheduler.sigmas()[i + 1],
-                phase,
-            };
-            if on_step(&progress).is_break() {
-                return Err(PipelineError::Cancelled { done: i + 1, total });
-            }
-        }
-        Ok(unpatchify(x, gh, gw)?)
+        Ok(Sampling {
+            model: self,
+            schedule,
+            null,
+            settings,
+            total: scheduler.steps(),
+            scheduler,
+            x: patchify(noise)?,
+            ropes: HashMap::new(),
+            grid: (gh, gw),
+            device,
+        })
     }
 
     /// Pipeline latents `[1, C, h, w]` → RGB8 (async readback).
@@ -332,6 +386,77 @@ impl UniFusion {
             height,
             pixels: values.iter().map(|&v| v.clamp(0.0, 255.0) as u8).collect(),
         })
+    }
+}
+
+/// One sampling run in progress (see [`UniFusion::sample_latents`]).
+struct Sampling<'a> {
+    model: &'a UniFusion,
+    schedule: &'a ConditionSchedule,
+    null: Option<&'a TextCondition>,
+    settings: &'a Settings,
+    scheduler: FlowMatchEuler,
+    total: usize,
+    /// The current patchified latents.
+    x: Tensor<3>,
+    ropes: HashMap<usize, RopeTable>,
+    /// Latent grid in patches.
+    grid: (usize, usize),
+    device: burn::tensor::Device,
+}
+
+impl Sampling<'_> {
+    fn rope(&mut self, len: usize) -> RopeTable {
+        let (gh, gw) = self.grid;
+        let t = &self.model.transformer;
+        let device = &self.device;
+        self.ropes
+            .entry(len)
+            .or_insert_with(|| {
+                RopeTable::new(
+                    &position_ids(len, gh, gw),
+                    t.rope_axes,
+                    t.rope_theta,
+                    device,
+                )
+            })
+            .clone()
+    }
+
+    /// Step `i` (CFG, Euler): advances `x`; returns the progress and the predicted clean
+    /// latents `x − σ·v` (patchified) for a preview.
+    fn step(&mut self, i: usize) -> Result<(Progress, Tensor<3>), PipelineError> {
+        let (cond, phase) = self.schedule.at(i);
+        let ts = self.scheduler.timestep(i);
+        let timestep = Tensor::<1>::from_data(TensorData::new(vec![ts], [1]), &self.device);
+        let rope = self.rope(cond.tokens.dims()[1]);
+        let t = &self.model.transformer;
+        let v = t.forward_with_text(self.x.clone(), cond, timestep.clone(), &rope)?;
+        let v = match self.null {
+            Some(null) if self.settings.guidance != 1.0 => {
+                let rope = self.rope(null.tokens.dims()[1]);
+                let t = &self.model.transformer;
+                let v_null = t.forward_with_text(self.x.clone(), null, timestep, &rope)?;
+                v_null.clone() + (v - v_null) * self.settings.guidance
+            }
+            _ => v,
+        };
+        let sigma = self.scheduler.sigmas()[i + 1];
+        self.x = self.scheduler.step(i, self.x.clone(), v.clone());
+        let x0 = self.x.clone() - v * sigma;
+        let progress = Progress {
+            done: i + 1,
+            total: self.total,
+            sigma,
+            phase,
+        };
+        Ok((progress, x0))
+    }
+
+    /// Patchified latents → pipeline latents `[1, C, h, w]`.
+    fn to_latents(&self, x: Tensor<3>) -> Result<Tensor<4>, PipelineError> {
+        let (gh, gw) = self.grid;
+        Ok(unpatchify(x, gh, gw)?)
     }
 }
 
