@@ -86,13 +86,13 @@ impl RecipeConfig {
             backend,
             checkpoint_every: 100,
             tokenizer: TokenizerStageConfig {
-                vocab_size: 512,
+                vocab_size: 640,
                 corpus_samples: 4000,
             },
             vae: VaeStageConfig::recipe(),
-            vlm: VlmStageConfig::recipe(512),
+            vlm: VlmStageConfig::recipe(640),
             dit: DitStageConfig::recipe(
-                &VlmStageConfig::recipe(512).vlm,
+                &VlmStageConfig::recipe(640).vlm,
                 3,
                 VaeStageConfig::recipe().vae.latent_channels,
             ),
@@ -427,6 +427,10 @@ fn run_tokenizer(dir: &Path, config: &RecipeConfig) -> Result<StageReport, Train
             "corpus_texts": corpus.len(),
             "chars_per_token": chars as f64 / ids.max(1) as f64,
             "bytes": json.len(),
+            "system_prompt_tokens": tok
+                .encode(unifusion_model::pipeline::config::VERIFI_SYSTEM_PROMPT)
+                .map_err(|e| TrainError::Tokenizer(e.to_string()))?
+                .len(),
         }),
     })
 }

@@ -178,5 +178,12 @@ mod tests {
             "tokenizer.json is {} bytes",
             json.len()
         );
+        // The VERIFI system prompt, in every VLM sequence, is weighted into the corpus
+        // (unweighted it took 187 tokens).
+        let system = tok
+            .encode(unifusion_model::pipeline::config::VERIFI_SYSTEM_PROMPT)
+            .expect("encodes")
+            .len();
+        assert!(system < 120, "system prompt: {system} tokens");
     }
 }
