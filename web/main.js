@@ -23,6 +23,7 @@ const state = {
   results: [], // {prompt, seed, width, height, rewrite, task, png: Uint8Array, url}
   busy: false,
   loadEvents: 0,
+  previews: [], // {width, height} of each live preview drawn
 };
 window.unifusion = state;
 
@@ -224,7 +225,20 @@ function readSettings() {
     seed: int('seed', 0, Number.MAX_SAFE_INTEGER),
     width: size('width'),
     height: size('height'),
+    // A live preview about four times a run.
+    previewEvery: Math.max(1, Math.round(int('steps', 1, 200) / 4)),
   };
+}
+
+/** Draws a preview (RGBA) into the progress area. */
+function showPreview({ width, height, data }) {
+  const canvas = $('gen-preview');
+  canvas.width = width;
+  canvas.height = height;
+  const pixels = new Uint8ClampedArray(data.buffer, data.byteOffset, data.byteLength);
+  canvas.getContext('2d').putImageData(new ImageData(pixels, width, height), 0, 0);
+  canvas.hidden = false;
+  state.previews.push({ width, height });
 }
 
 async function run(kind) {
@@ -240,6 +254,8 @@ async function run(kind) {
   runControl = new AbortController();
   setBusy(true);
   $('rewrite-box').hidden = true;
+  $('gen-preview').hidden = true;
+  state.previews = [];
   $('gen-progress').value = 0;
   const started = performance.now();
   const label = kind === 'variation' ? 'Variation' : images.length === 0 ? 'Generating' : images.length === 1 ? 'Editing' : 'Combining';
@@ -248,6 +264,7 @@ async function run(kind) {
   const options = {
     signal: runControl.signal,
     onStep: (s) => {
+      if (s.preview) return showPreview(s.preview);
       $('gen-progress').max = s.total;
       $('gen-progress').value = s.done;
       $('gen-text').textContent = `step ${s.done} of ${s.total}` + (s.done === s.total ? ' · decoding the image…' : '');
@@ -266,6 +283,7 @@ async function run(kind) {
     $('rewrite').textContent = result.rewrite || '(VERIFI wrote nothing)';
     $('rewrite-box').hidden = false;
     await addToGallery(result);
+    $('gen-preview').hidden = true; // the finished image is in the gallery now
     $('gen-text').textContent = `done in ${seconds} s`;
     setStatus('ok', `Done in ${seconds} s (${result.request.width}×${result.request.height}, seed ${result.request.seed}).`);
   } catch (error) {

@@ -21,7 +21,7 @@ export interface LoadProgress {
   notice?: string;
 }
 
-/** One sampling step submitted to the GPU. */
+/** One sampling step, finished on the GPU (the worker waits for each), or a preview. */
 export interface StepProgress {
   /** Steps done (1 after the first) / steps in all. */
   done: number;
@@ -29,7 +29,10 @@ export interface StepProgress {
   /** The noise level reached. */
   sigma: number;
   /** Which condition the step used (`image-tokens`/`text-tokens` in a zero-shot edit). */
-  phase: 'full' | 'image-tokens' | 'text-tokens';
+  phase?: 'full' | 'image-tokens' | 'text-tokens';
+  /** Present on preview events (every `previewEvery` steps): the clean image the model
+   * predicts at this step, RGBA. Step events have `sigma` and `phase` instead. */
+  preview?: { width: number; height: number; data: Uint8Array };
 }
 
 export interface ModelSummary {
@@ -88,6 +91,8 @@ export interface GenerateParams {
   height?: number;
   /** VERIFI rewrite on (default) or off. */
   verifi?: boolean;
+  /** Hand `onStep` a preview of the predicted image every this many steps (default: none). */
+  previewEvery?: number;
 }
 
 export interface EditParams extends GenerateParams {

@@ -153,6 +153,7 @@ export class UniFusion {
     };
     if (params.verifi != null) request.verifi = params.verifi;
     if (params.zeroShotPercent != null) request.zeroShotPercent = params.zeroShotPercent;
+    if (params.previewEvery != null) request.previewEvery = params.previewEvery;
     if (!Number.isSafeInteger(request.seed) || request.seed < 0) {
       throw new UniFusionError({ message: `seed must be a whole number from 0 to ${Number.MAX_SAFE_INTEGER}` });
     }

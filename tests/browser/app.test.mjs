@@ -167,6 +167,12 @@ test('load → generate (same image as the native CLI) → reload from the cache
   assert.equal(first.text.seed, String(REQUEST.seed), 'PNG tEXt seed');
   assert.equal(first.text.rewritten_prompt, first.rewrite);
   assert.match(await page.textContent('#cache-size'), /cached files/);
+  // Live preview: with 4 steps the page asks for one every step (none after the last), each
+  // at the output size; the finished image replaces it.
+  const previews = await page.evaluate(() => window.unifusion.previews);
+  const size = { width: REQUEST.width, height: REQUEST.height };
+  assert.deepEqual(previews, [size, size, size], 'live previews after steps 1, 2 and 3');
+  assert.equal(await page.isHidden('#gen-preview'), true, 'the preview goes once the image is done');
 
   // Same seed, same image as the native CLI. f32 on two devices (SwiftShader WebGPU vs Flex on
   // the CPU) rounds a little differently; RGB8 rounding turns that into ±1 here and there

@@ -9,7 +9,9 @@ use std::rc::Rc;
 use js_sys::{Array, Function, Object, Reflect, Uint8Array};
 use serde::{Deserialize, Serialize};
 use unifusion_model::load::{LoadedModel, load_packed};
-use unifusion_model::pipeline::{Image, Phase, Request, Settings, Task, UniFusion};
+use unifusion_model::pipeline::{
+    Event, Image, Phase, Request, Settings, Task, UniFusion, Watch,
+};
 use unifusion_weights::{Manifest, Progress};
 use wasm_bindgen::prelude::*;
 
@@ -137,6 +139,9 @@ struct TaskRequest {
     /// Zero-shot edit: share of steps conditioned on image tokens only (percent).
     #[serde(default)]
     zero_shot_percent: Option<f32>,
+    /// A preview of the predicted image every this many steps (0 or absent: none).
+    #[serde(default)]
+    preview_every: Option<usize>,
 }
 
 impl TaskRequest {
@@ -256,6 +261,11 @@ pub async fn run_task(
         .ok_or_else(|| error("no model is loaded: call loadModel first"))?;
     let LoadedModel { model, tokenizer } = &*loaded;
     let settings = request.settings();
+    let watch = Watch {
+        // WebGPU only queues work: wait for each step so progress and cancel are real.
+        sync_steps: true,
+        preview_every: request.preview_every.unwrap_or(0),
+    };
     let output = run(
         model,
         tokenizer,
@@ -263,24 +273,30 @@ pub async fn run_task(
         &request.prompt,
         &images,
         &settings,
+        watch,
         &on_step,
     )
     .await?;
-    let rgba: Vec<u8> = output
-        .image
-        .pixels
-        .chunks_exact(3)
-        .flat_map(|p| [p[0], p[1], p[2], 255])
-        .collect();
     let result = Object::new();
-    set(&result, "width", output.image.width as u32);
-    set(&result, "height", output.image.height as u32);
-    set(&result, "data", Uint8Array::from(rgba.as_slice()));
+    set_image(&result, &output.image);
     set(&result, "rewrite", output.rewrite);
     set(&result, "rewriteTokens", output.rewrite_ids.len() as u32);
     Ok(result.into())
 }
 
+/// `width`, `height` and RGBA `data` of `image` on `object`.
+fn set_image(object: &Object, image: &Image) {
+    let rgba: Vec<u8> = image
+        .pixels
+        .chunks_exact(3)
+        .flat_map(|p| [p[0], p[1], p[2], 255])
+        .collect();
+    set(object, "width", image.width as u32);
+    set(object, "height", image.height as u32);
+    set(object, "data", Uint8Array::from(rgba.as_slice()));
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn run(
     model: &UniFusion,
     tokenizer: &unifusion_model::vlm::processor::VlmTokenizer,
@@ -288,6 +304,7 @@ async fn run(
     prompt: &str,
     images: &[Image],
     settings: &Settings,
+    watch: Watch,
     on_step: &Function,
 ) -> Result<unifusion_model::pipeline::Output, JsValue> {
     let request = Request {
@@ -296,12 +313,23 @@ async fn run(
         images,
     };
     model
-        .run(tokenizer, &request, settings, |p| {
+        .run_watched(tokenizer, &request, settings, watch, |e| {
             let event = Object::new();
-            set(&event, "done", p.done as u32);
-            set(&event, "total", p.total as u32);
-            set(&event, "sigma", p.sigma);
-            set(&event, "phase", phase_name(p.phase));
+            match e {
+                Event::Step(p) => {
+                    set(&event, "done", p.done as u32);
+                    set(&event, "total", p.total as u32);
+                    set(&event, "sigma", p.sigma);
+                    set(&event, "phase", phase_name(p.phase));
+                }
+                Event::Preview { done, image } => {
+                    set(&event, "done", done as u32);
+                    set(&event, "total", settings.steps as u32);
+                    let preview = Object::new();
+                    set_image(&preview, image);
+                    set(&event, "preview", preview);
+                }
+            }
             match on_step.call1(&JsValue::NULL, &event) {
                 Ok(v) if v == JsValue::FALSE => ControlFlow::Break(()),
                 Ok(_) => ControlFlow::Continue(()),
