@@ -9,9 +9,7 @@ use std::rc::Rc;
 use js_sys::{Array, Function, Object, Reflect, Uint8Array};
 use serde::{Deserialize, Serialize};
 use unifusion_model::load::{LoadedModel, load_packed};
-use unifusion_model::pipeline::{
-    Event, Image, Phase, Request, Settings, Task, UniFusion, Watch,
-};
+use unifusion_model::pipeline::{Event, Image, Phase, Request, Settings, Task, UniFusion, Watch};
 use unifusion_weights::{Manifest, Progress};
 use wasm_bindgen::prelude::*;
 
