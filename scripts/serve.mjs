@@ -152,6 +152,8 @@ export function createServer({ root, models, intercept, onSent }) {
     if (!file.startsWith(mounts.dirs[1][1] + path.sep) && /\.(html|m?js)$/.test(name)) {
       headers['Content-Security-Policy'] = PAGE_CSP;
     }
+    // The service worker lives under /web/ but controls the whole app.
+    if (url.pathname === '/web/sw.js') headers['Service-Worker-Allowed'] = '/';
     if (req.headers['if-none-match'] === etag) return send(res, 304, headers);
 
     let start = 0;

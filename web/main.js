@@ -24,6 +24,7 @@ const state = {
   busy: false,
   loadEvents: 0,
   previews: [], // {width, height} of each live preview drawn
+  offlineShell: false, // the service worker is registered
 };
 window.unifusion = state;
 
@@ -375,6 +376,15 @@ function wire() {
   });
 }
 
+/** Lets the page open offline after one visit (web/sw.js); a failure costs only that. */
+function registerServiceWorker() {
+  if (!('serviceWorker' in navigator)) return;
+  navigator.serviceWorker.register('/web/sw.js', { scope: '/' }).then(
+    () => (state.offlineShell = true),
+    (error) => console.warn(`service worker not registered: ${error.message}`),
+  );
+}
+
 async function main() {
   if (params.get('app') === '0') {
     // A bare page for tests of the page's modules (web/weights.js): no worker, no model.
@@ -383,6 +393,7 @@ async function main() {
   }
   wire();
   setBusy(false);
+  registerServiceWorker();
   if (!('gpu' in navigator)) {
     document.body.dataset.webgpu = 'missing';
     refreshCache();

@@ -197,6 +197,7 @@ test('load → generate (same image as the native CLI) → reload from the cache
   assert.deepEqual(second.rgba, first.rgba, 'same seed, same image after a reload');
 
   // Offline: the server is gone; the model loads from the cache alone and still generates.
+  await page.evaluate(() => navigator.serviceWorker.ready.then(() => true));
   await session.context.setOffline(true);
   session.server.close();
   session.server.closeAllConnections?.();
@@ -209,6 +210,17 @@ test('load → generate (same image as the native CLI) → reload from the cache
   assert.equal(offline.downloaded, 0);
   assert.ok(offline.notices.some((n) => /unreachable/.test(n)), offline.notices.join('; '));
   assert.deepEqual(offline.data, first.rgba, 'offline generation gives the same image');
+
+  // The page itself opens offline too: the service worker serves the app shell, the model
+  // comes from IndexedDB, and the same seed still gives the same image.
+  await page.reload();
+  await waitForModel(session);
+  const reopened = await page.evaluate(() => window.unifusion.model);
+  assert.equal(reopened.downloadedBytes, 0);
+  await fillRequest(page);
+  const third = await runFromUi(session);
+  assert.deepEqual(third.rgba, first.rgba, 'the page reopened offline gives the same image');
+  await shot(page, '3b-reopened-offline');
   assert.equal(session.pageErrors.length, 0, session.pageErrors.join('\n'));
 });
 
