@@ -14,12 +14,10 @@ use std::path::{Path, PathBuf};
 use burn::tensor::Device;
 use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressStyle};
-use unifusion_model::generator::WeightMap;
-use unifusion_model::load::{assemble, load_packed};
+use unifusion_model::load::{UnpackedModel, load_packed, load_unpacked};
 use unifusion_model::pipeline::{
-    Conditioning, Image, PipelineError, Request, Settings, Task, UniFusion, UniFusionConfig,
+    Conditioning, Image, PipelineError, Request, Settings, Task, UniFusion,
 };
-use unifusion_model::vlm::Weights;
 use unifusion_weights::Progress as LoadProgress;
 use unifusion_weights::native::{DirSource, MANIFEST_FILE, read_bounded, read_manifest};
 
@@ -151,29 +149,18 @@ fn load_packed_model(
 
 /// Loads an unpacked model directory (see the module docs) onto `device`.
 fn load_model_dir(dir: &Path, device: &Device) -> Result<(UniFusion, VlmTokenizer), CliError> {
-    let bad = |what: &str, e: String| CliError::Usage(format!("{}: {what}: {e}", dir.display()));
-    let config: UniFusionConfig = serde_json::from_slice(&read(dir, "config.json")?)
-        .map_err(|e| bad("config.json", e.to_string()))?;
-    let tokenizer = VlmTokenizer::from_bytes(&read(dir, "tokenizer.json")?)
-        .map_err(|e| bad("tokenizer.json", e.to_string()))?;
-    let mut weights = Weights::new();
-    weights
-        .add_safetensors(&read(dir, "vlm.safetensors")?)
-        .map_err(|e| bad("vlm.safetensors", e.to_string()))?;
-    let mut transformer = WeightMap::from_safetensors(&read(dir, "transformer.safetensors")?)
-        .map_err(|e| bad("transformer.safetensors", e.to_string()))?;
-    let mut vae = WeightMap::from_safetensors(&read(dir, "vae.safetensors")?)
-        .map_err(|e| bad("vae.safetensors", e.to_string()))?;
-    let model = assemble(
-        &config,
-        &tokenizer,
-        &mut weights,
-        &mut transformer,
-        &mut vae,
+    let loaded = load_unpacked(
+        &UnpackedModel {
+            config_json: &read(dir, "config.json")?,
+            tokenizer_json: &read(dir, "tokenizer.json")?,
+            vlm: &read(dir, "vlm.safetensors")?,
+            transformer: &read(dir, "transformer.safetensors")?,
+            vae: &read(dir, "vae.safetensors")?,
+        },
         device,
     )
     .map_err(|e| CliError::Usage(format!("{}: {e}", dir.display())))?;
-    Ok((model, tokenizer))
+    Ok((loaded.model, loaded.tokenizer))
 }
 
 impl SampleArgs {

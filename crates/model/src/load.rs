@@ -27,7 +27,7 @@ use unifusion_kernels::QuantLinear;
 use crate::generator::params::{LoadError as ParamError, ParamSource};
 use crate::generator::tiny_vae::TinyDecoder;
 use crate::generator::vae::AutoencoderKl;
-use crate::generator::{GeneratorError, Krea2Transformer};
+use crate::generator::{GeneratorError, Krea2Transformer, WeightMap};
 use crate::linear::QuantStore;
 use crate::pipeline::{PipelineError, UniFusion, UniFusionConfig, Vae, VaeConfig};
 use crate::vlm::processor::VlmTokenizer;
@@ -94,6 +94,46 @@ pub async fn load_packed<S: ShardSource>(
     let mut sink = ModelSink::from_manifest(manifest, device)?;
     unifusion_weights::load(manifest, source, &mut sink, None, progress).await?;
     let model = sink.finish(&tokenizer)?;
+    Ok(LoadedModel { model, tokenizer })
+}
+
+/// The files of an unpacked model directory, as bytes (the caller reads them).
+pub struct UnpackedModel<'a> {
+    /// `config.json`: a [`UniFusionConfig`].
+    pub config_json: &'a [u8],
+    /// `tokenizer.json`.
+    pub tokenizer_json: &'a [u8],
+    /// `vlm.safetensors` (transformers or OpenGVLab names).
+    pub vlm: &'a [u8],
+    /// `transformer.safetensors` (diffusers `Krea2Transformer2DModel` names).
+    pub transformer: &'a [u8],
+    /// `vae.safetensors` (diffusers names).
+    pub vae: &'a [u8],
+}
+
+/// Builds a model from an unpacked directory's files (host-side weights, then [`assemble`]).
+pub fn load_unpacked(
+    files: &UnpackedModel<'_>,
+    device: &Device,
+) -> Result<LoadedModel, ModelLoadError> {
+    let config: UniFusionConfig = serde_json::from_slice(files.config_json)
+        .map_err(|e| ModelLoadError::Config(e.to_string()))?;
+    let tokenizer = VlmTokenizer::from_bytes(files.tokenizer_json)
+        .map_err(|e| ModelLoadError::Tokenizer(e.to_string()))?;
+    let mut vlm = Weights::new();
+    vlm.add_safetensors(files.vlm)?;
+    let mut transformer = WeightMap::from_safetensors(files.transformer)
+        .map_err(|e| ModelLoadError::Transformer(e.into()))?;
+    let mut vae =
+        WeightMap::from_safetensors(files.vae).map_err(|e| ModelLoadError::Vae(e.into()))?;
+    let model = assemble(
+        &config,
+        &tokenizer,
+        &mut vlm,
+        &mut transformer,
+        &mut vae,
+        device,
+    )?;
     Ok(LoadedModel { model, tokenizer })
 }
 
@@ -252,7 +292,7 @@ pub trait LeftoverSource: ParamSource {
     fn check_all_taken(&self) -> Result<(), ParamError>;
 }
 
-impl LeftoverSource for crate::generator::WeightMap {
+impl LeftoverSource for WeightMap {
     fn check_all_taken(&self) -> Result<(), ParamError> {
         let names: Vec<String> = self.names().map(str::to_owned).collect();
         if names.is_empty() {

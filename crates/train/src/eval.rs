@@ -7,10 +7,8 @@ use std::path::Path;
 
 use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
-use unifusion_model::generator::WeightMap;
-use unifusion_model::load::assemble;
-use unifusion_model::pipeline::{Request, Settings, Task, UniFusion, UniFusionConfig};
-use unifusion_model::vlm::Weights;
+use unifusion_model::load::{UnpackedModel, load_unpacked};
+use unifusion_model::pipeline::{Request, Settings, Task, UniFusion};
 use unifusion_model::vlm::processor::VlmTokenizer;
 use unifusion_world::score::{micro_average, score_scene};
 use unifusion_world::{canonical_description, phrase};
@@ -41,28 +39,18 @@ pub fn load_model_dir(
         let p = dir.join(name);
         std::fs::read(&p).map_err(|e| TrainError::io(&p, e))
     };
-    let model_err = |e: String| TrainError::Model(e);
-    let config: UniFusionConfig =
-        serde_json::from_slice(&read("config.json")?).map_err(|e| model_err(e.to_string()))?;
-    let tokenizer = VlmTokenizer::from_bytes(&read("tokenizer.json")?)
-        .map_err(|e| TrainError::Tokenizer(e.to_string()))?;
-    let mut vlm = Weights::new();
-    vlm.add_safetensors(&read("vlm.safetensors")?)
-        .map_err(|e| model_err(e.to_string()))?;
-    let mut transformer = WeightMap::from_safetensors(&read("transformer.safetensors")?)
-        .map_err(|e| model_err(e.to_string()))?;
-    let mut vae = WeightMap::from_safetensors(&read("vae.safetensors")?)
-        .map_err(|e| model_err(e.to_string()))?;
-    let model = assemble(
-        &config,
-        &tokenizer,
-        &mut vlm,
-        &mut transformer,
-        &mut vae,
+    let loaded = load_unpacked(
+        &UnpackedModel {
+            config_json: &read("config.json")?,
+            tokenizer_json: &read("tokenizer.json")?,
+            vlm: &read("vlm.safetensors")?,
+            transformer: &read("transformer.safetensors")?,
+            vae: &read("vae.safetensors")?,
+        },
         device,
     )
-    .map_err(|e| model_err(e.to_string()))?;
-    Ok((model, tokenizer))
+    .map_err(|e| TrainError::Model(e.to_string()))?;
+    Ok((loaded.model, loaded.tokenizer))
 }
 
 /// Generates `n` fresh prompts at `size` px with `steps` and `guidance`, judges them, and
