@@ -5,7 +5,7 @@
 //! whatever the checkpoint's size. The manifest is written last and atomically. Checkpoint
 //! layouts and the check against `--config` are in [`layout`].
 
-mod layout;
+pub(crate) mod layout;
 mod quantize;
 
 use std::path::{Path, PathBuf};

@@ -11,7 +11,6 @@ use std::time::Instant;
 
 use burn::tensor::{Device, Tensor};
 use unifusion_model::generator::Krea2Transformer;
-use unifusion_model::generator::params::{LoadError as ParamLoadError, ParamSource};
 use unifusion_model::generator::tiny_vae::TinyDecoder;
 use unifusion_model::load::load_packed;
 use unifusion_model::pipeline::{VaeConfig, every_third_layer};
@@ -22,6 +21,7 @@ use unifusion_weights::native::{DirOutput, DirSource, read_bounded, read_manifes
 use unifusion_weights::{CountingSink, Dtype, LoadStats, ModelInfo, Packer, TensorSink, load};
 
 use crate::CliError;
+use crate::pack::layout::Recorder;
 use crate::tiny_model::{TINY_TOKENIZER, tiny_config};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -242,24 +242,6 @@ fn generate(dir: &Path, size_mb: u64, shard_mib: u64, embedding: bool) -> Result
     Ok(())
 }
 
-/// Every tensor a loader asks for, answered with zeros.
-#[derive(Default)]
-struct ZeroRecorder {
-    asked: Vec<(String, Vec<usize>)>,
-}
-
-impl ParamSource for ZeroRecorder {
-    fn tensor<const D: usize>(
-        &mut self,
-        name: &str,
-        shape: [usize; D],
-        device: &Device,
-    ) -> Result<Tensor<D>, ParamLoadError> {
-        self.asked.push((name.to_string(), shape.to_vec()));
-        Ok(Tensor::zeros(shape, device))
-    }
-}
-
 /// A whole UniFusion model whose VLM has Qwen2.5-0.5B's language model (896 wide, 24
 /// layers, the 151 674-token tied embedding; ~494 M parameters) and the tiny model's vision
 /// tower, DiT and VAE: f16 random tensors, tensor names found by recording the loaders.
@@ -288,18 +270,18 @@ fn generate_unifusion(dir: &Path, shard_mib: u64) -> Result<(), CliError> {
         .iter()
         .map(|(n, s)| (format!("vlm.{n}"), s.clone()))
         .collect();
-    let mut rec = ZeroRecorder::default();
+    let mut rec = Recorder::default();
     Krea2Transformer::load(&config.transformer, &mut rec, &device).map_err(|e| err(&e))?;
     named.extend(
-        rec.asked
-            .drain(..)
+        std::mem::take(&mut rec.asked)
+            .into_iter()
             .map(|(n, s)| (format!("transformer.{n}"), s)),
     );
     let VaeConfig::Tiny(vae) = &config.vae else {
         return Err(CliError::Usage("expected the tiny VAE".into()));
     };
     TinyDecoder::load(vae, &mut rec, "decoder", &device).map_err(|e| err(&e))?;
-    named.extend(rec.asked.drain(..).map(|(n, s)| (format!("vae.{n}"), s)));
+    named.extend(rec.asked.into_iter().map(|(n, s)| (format!("vae.{n}"), s)));
 
     let out = DirOutput::create(dir).map_err(|e| err(&e))?;
     let mut p = Packer::new(out, shard_mib << 20).map_err(|e| err(&e))?;

@@ -153,8 +153,9 @@ pub fn rename(layout: Layout, key: &str, shape: &[u64]) -> Result<Renamed, Strin
 /// A [`ParamSource`] that records every `(name, shape)` a loader asks for. The tensors it
 /// returns are zero-filled (`calloc`: pages the loaders never touch are never mapped).
 #[derive(Default)]
-struct Recorder {
-    asked: BTreeMap<String, Vec<usize>>,
+pub(crate) struct Recorder {
+    /// `(name, shape)` of every tensor asked for, by name.
+    pub(crate) asked: BTreeMap<String, Vec<usize>>,
 }
 
 impl ParamSource for Recorder {
