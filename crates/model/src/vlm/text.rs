@@ -93,7 +93,7 @@ impl VocabBlocks {
     /// Splits `matrix` `[vocab, hidden]` into blocks of at most `max_bytes` (as f32).
     pub fn split(matrix: Tensor<2>, max_bytes: usize) -> Self {
         let [vocab, hidden] = matrix.dims();
-        let block_rows = (max_bytes / (4 * hidden.max(1))).clamp(1, vocab.max(1));
+        let block_rows = super::weights::block_rows(vocab, hidden, max_bytes);
         let blocks = (0..vocab.div_ceil(block_rows))
             .map(|b| {
                 let start = b * block_rows;
