@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use image::RgbImage;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
-use unifusion_model::pipeline::{Image, Request, Settings, Task, UniFusion};
+use unifusion_model::pipeline::{Conditioning, Image, Request, Settings, Task, UniFusion};
 use unifusion_model::vlm::processor::VlmTokenizer;
 use unifusion_world::score::{best_of_n, category_means, macro_average, micro_average};
 use unifusion_world::{
@@ -65,6 +65,13 @@ pub struct Args {
     /// Seed of the held-out set (which scenes and phrasings).
     #[arg(long, default_value_t = 0)]
     set_seed: u64,
+    /// Condition on the prompt's own tokens instead of the VLM's rewrite (for a model trained
+    /// with `train --ablation verifi-off`).
+    #[arg(long)]
+    no_verifi: bool,
+    /// LAP or the last tap only (for a model trained with `train --ablation last-layer`).
+    #[arg(long, value_enum, default_value_t = crate::generate::Pooling::Lap)]
+    pooling: crate::generate::Pooling,
     /// Also write the tables as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -255,6 +262,11 @@ pub fn run(args: Args) -> Result<(), CliError> {
         height: args.size,
         steps: args.steps,
         guidance: args.guidance,
+        verifi: !args.no_verifi,
+        conditioning: match args.pooling {
+            crate::generate::Pooling::Lap => Conditioning::Lap,
+            crate::generate::Pooling::LastLayer => Conditioning::LastLayer,
+        },
         ..Settings::default()
     };
     model

@@ -49,12 +49,31 @@ pub struct Args {
     /// Override every training stage's step count (quick experiments and timing).
     #[arg(long)]
     pub steps: Option<usize>,
+    /// Override the DiT stage's step count only (ablation runs on a finished VLM and VAE).
+    #[arg(long)]
+    pub dit_steps: Option<usize>,
+    /// Train the DiT as an ablation of the recipe (repeatable; its directory records it):
+    /// `verifi-off` (condition on the user's tokens, not the rewrite), `last-layer` (last tap
+    /// only, LAP skipped), `no-edit-data` (text-to-image and reconstruction only).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub ablation: Vec<Ablation>,
     /// Stop (checkpointed, resumable) after the first step past this many minutes.
     #[arg(long)]
     pub time_limit_min: Option<f64>,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// A DiT ablation (issue 8's table).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Ablation {
+    /// Condition on the states of the user's own tokens instead of the VLM's rewrite.
+    VerifiOff,
+    /// The last VLM tap only, straight into the refiner (LAP skipped).
+    LastLayer,
+    /// No edit or transfer samples: text-to-image and reconstruction only.
+    NoEditData,
 }
 
 fn stage_name(s: StageArg) -> StageName {
@@ -88,6 +107,23 @@ pub fn run(args: Args) -> Result<(), CliError> {
         ] {
             optim.steps = steps;
             optim.warmup = optim.warmup.min(steps / 10);
+        }
+    }
+    if let Some(steps) = args.dit_steps {
+        if steps == 0 {
+            return Err(CliError::Usage("--dit-steps must be at least 1".into()));
+        }
+        config.dit.optim.steps = steps;
+        config.dit.optim.warmup = config.dit.optim.warmup.min(steps / 10);
+    }
+    for ablation in &args.ablation {
+        match ablation {
+            Ablation::VerifiOff => config.dit.verifi = false,
+            Ablation::LastLayer => config.dit.pooling = unifusion_train::dit::Pooling::LastLayer,
+            Ablation::NoEditData => {
+                config.dit.mix.edit = 0.0;
+                config.dit.mix.transfer = 0.0;
+            }
         }
     }
     let stages: Vec<StageName> = if args.stages.is_empty() {

@@ -19,9 +19,12 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use unifusion_model::generator::config::{AutoencoderTinyConfig, Krea2Config};
+use unifusion_model::generator::layers::KeyMask;
 use unifusion_model::generator::sampler::SeededNormal;
 use unifusion_model::generator::tiny_vae::{AutoencoderTiny, TinyEncoder};
-use unifusion_model::generator::{Krea2Transformer, RopeTable, patchify, position_ids};
+use unifusion_model::generator::{
+    Krea2Transformer, RopeTable, TextCondition, patchify, position_ids,
+};
 use unifusion_model::pipeline::config::VERIFI_SYSTEM_PROMPT;
 use unifusion_model::pipeline::verifi::chat_tokens;
 use unifusion_model::vlm::processor::VlmTokenizer;
@@ -50,6 +53,28 @@ pub struct DitStageConfig {
     pub cond_dropout: f32,
     /// Most tokens of the null condition's rewrite (the pipeline's `max_rewrite_tokens`).
     pub max_rewrite_tokens: usize,
+    /// Condition on the VLM's rewrite (VERIFI, the recipe) or, `false`, on the states of the
+    /// user's own tokens (the pipeline's `--no-verifi`): an ablation.
+    #[serde(default = "verifi_on")]
+    pub verifi: bool,
+    /// LAP over every tap (the recipe) or the last tap only, LAP skipped: an ablation.
+    #[serde(default)]
+    pub pooling: Pooling,
+}
+
+fn verifi_on() -> bool {
+    true
+}
+
+/// How the DiT pools the VLM's taps while it trains (the pipeline's `Conditioning`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Pooling {
+    /// Layerwise Attention Pooling over every tap, then the refiner.
+    #[default]
+    Lap,
+    /// The last tap straight into the refiner (the pipeline's `Conditioning::LastLayer`).
+    LastLayer,
 }
 
 fn dit_config(
@@ -88,7 +113,7 @@ impl DitStageConfig {
             transformer: dit_config(vlm, taps, latent_channels, (6, 6, 256)),
             batch: 8,
             optim: OptimConfig {
-                steps: 1000,
+                steps: 1200,
                 lr: 1e-3,
                 warmup: 100,
                 final_lr_fraction: 0.05,
@@ -103,6 +128,8 @@ impl DitStageConfig {
             },
             cond_dropout: 0.1,
             max_rewrite_tokens: 200,
+            verifi: true,
+            pooling: Pooling::Lap,
         }
     }
 
@@ -127,6 +154,8 @@ impl DitStageConfig {
             },
             cond_dropout: 0.2,
             max_rewrite_tokens: 8,
+            verifi: true,
+            pooling: Pooling::Lap,
         }
     }
 }
@@ -196,13 +225,16 @@ impl Frozen {
         Ok(model.encoder)
     }
 
-    /// `[L, n_taps, h]` per sample: `[image tokens ; answer tokens]` of every tap.
-    pub fn conditions(&self, batch: VlmBatch) -> Result<Vec<Tensor<3>>, TrainError> {
+    /// `[L, n_taps, h]` per sample: `[image tokens ; answer tokens]` of every tap, or with
+    /// `verifi` off `[image tokens ; the user's tokens]` (causal attention: the answer after
+    /// them does not change their states).
+    pub fn conditions(&self, batch: VlmBatch, verifi: bool) -> Result<Vec<Tensor<3>>, TrainError> {
         let device = self.vlm.text.embed_tokens.device();
         let seq = batch.ids.first().map(Vec::len).unwrap_or(0);
         let b = batch.ids.len();
         let spans = batch.spans.clone();
         let image_positions = batch.image_positions.clone();
+        let user_positions = batch.user_positions.clone();
         let (out, prefix) = forward_shared_prefix(&self.vlm, batch, &self.taps)?;
         let rest = seq - prefix;
         let hidden = out.last.dims()[2];
@@ -216,10 +248,18 @@ impl Frozen {
         );
         let mut conds = Vec::with_capacity(b);
         for (row, (&(start, end), images)) in spans.iter().zip(&image_positions).enumerate() {
-            let rows: Vec<i64> = images
-                .iter()
-                .copied()
-                .chain(start..end)
+            let mut picked: Vec<usize> = images.clone();
+            if verifi {
+                picked.extend(start..end);
+            } else {
+                picked.extend(&user_positions[row]);
+                if picked.is_empty() {
+                    // As the pipeline: nothing to condition on → the last template token.
+                    picked.push(start - 1);
+                }
+            }
+            let rows: Vec<i64> = picked
+                .into_iter()
                 .map(|p| (row * rest + p - prefix) as i64)
                 .collect();
             let n = rows.len();
@@ -229,8 +269,9 @@ impl Frozen {
         Ok(conds)
     }
 
-    /// The pipeline's null condition: the VERIFI rewrite of the empty request, no images.
-    pub fn null_condition(&self, max_tokens: usize) -> Result<Tensor<3>, TrainError> {
+    /// The pipeline's null condition: the VERIFI rewrite of the empty request, no images;
+    /// with `verifi` off, the last template token of the empty request.
+    pub fn null_condition(&self, max_tokens: usize, verifi: bool) -> Result<Tensor<3>, TrainError> {
         let chat = chat_tokens(
             &self.tokenizer,
             VERIFI_SYSTEM_PROMPT,
@@ -244,7 +285,7 @@ impl Frozen {
             &chat.ids,
             None,
             &GenerateOptions {
-                max_new_tokens: max_tokens,
+                max_new_tokens: if verifi { max_tokens } else { 0 },
                 stop_tokens: vec![IM_END],
                 taps: self.taps.clone(),
             },
@@ -295,7 +336,7 @@ impl DitStage {
     ) -> Result<Self, TrainError> {
         let device = backend.autodiff();
         let (model, names) = init_transformer(&config.transformer, seed, &device)?;
-        let null = frozen.null_condition(config.max_rewrite_tokens)?;
+        let null = frozen.null_condition(config.max_rewrite_tokens, config.verifi)?;
         let dit = Trainable::new(model, names, config.optim.clone());
         Ok(Self {
             config,
@@ -332,7 +373,7 @@ impl DitStage {
             &plain,
         )?;
         let mut rng = SeededNormal::new(mix(self.seed, 0xD2 + ((k as u64) << 8)));
-        let mut conds = self.frozen.conditions(vlm_batch)?;
+        let mut conds = self.frozen.conditions(vlm_batch, self.config.verifi)?;
         let mut coin = ChaCha8Rng::seed_from_u64(mix(self.seed, 0xD3 + ((k as u64) << 8)));
         for c in &mut conds {
             if coin.random::<f32>() < self.config.cond_dropout {
@@ -389,10 +430,34 @@ impl DitStage {
             model.rope_theta,
             &self.device,
         );
+        let text = match self.config.pooling {
+            Pooling::Lap => model.encode_text(cond, Some(mask)),
+            Pooling::LastLayer => Ok(last_layer_condition(model, cond, mask)),
+        }
+        .map_err(|e| TrainError::Model(e.to_string()))?;
         let v = model
-            .forward(xt, cond, tt, &rope, Some(mask))
+            .forward_with_text(xt, &text, tt, &rope)
             .map_err(|e| TrainError::Model(e.to_string()))?;
         Ok((v - target).square().mean())
+    }
+}
+
+/// The last tap of `cond` `[B, L, n, h]` through the refiner and `txt_in`, LAP skipped: the
+/// same graph as the pipeline's `Conditioning::LastLayer`, with the padding mask.
+fn last_layer_condition(
+    model: &Krea2Transformer,
+    cond: Tensor<4>,
+    mask: Tensor<2, Bool>,
+) -> TextCondition {
+    let [b, l, n, h] = cond.dims();
+    let key_mask = KeyMask::from_valid(mask.clone());
+    let mut x = cond.narrow(2, n - 1, 1).reshape([b, l, h]);
+    for block in &model.text_fusion.refiner_blocks {
+        x = block.forward(x, Some(&key_mask));
+    }
+    TextCondition {
+        tokens: model.txt_in.forward(x),
+        mask: Some(mask),
     }
 }
 
@@ -462,5 +527,34 @@ mod tests {
         Krea2Transformer::load(&config.transformer, &mut map, &device).expect("loads");
         map.finish().expect("every tensor used");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use std::time::Instant;
+
+    /// `UNIFUSION_RECIPE_OUT=/work/train-out/recipe cargo test --workspace dit_step_timing --
+    /// --ignored --nocapture`: recipe DiT steps at batch 8, 16 and 32 on a finished VLM and VAE.
+    #[test]
+    #[ignore]
+    fn dit_step_timing() {
+        let Ok(out) = std::env::var("UNIFUSION_RECIPE_OUT") else {
+            println!("set UNIFUSION_RECIPE_OUT to a recipe directory with vae/ and vlm/ done");
+            return;
+        };
+        let recipe = crate::recipe::RecipeConfig::recipe(0, Backend::Flex);
+        for batch in [8, 16, 32] {
+            let frozen = crate::recipe::frozen(Path::new(&out), &recipe).expect("frozen parts");
+            let mut config = recipe.dit.clone();
+            config.batch = batch;
+            let mut stage = DitStage::new(config, frozen, 0, Backend::Flex).expect("builds");
+            for k in 0..3 {
+                let t = Instant::now();
+                stage.step(k).expect("step");
+                println!("batch {batch}: step {:.3} s", t.elapsed().as_secs_f64());
+            }
+        }
     }
 }

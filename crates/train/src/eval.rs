@@ -8,7 +8,7 @@ use std::path::Path;
 use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 use unifusion_model::load::{UnpackedModel, load_unpacked};
-use unifusion_model::pipeline::{Request, Settings, Task, UniFusion};
+use unifusion_model::pipeline::{Conditioning, Request, Settings, Task, UniFusion};
 use unifusion_model::vlm::processor::VlmTokenizer;
 use unifusion_world::score::{micro_average, score_scene};
 use unifusion_world::{canonical_description, phrase};
@@ -63,6 +63,7 @@ pub fn quick_eval(
     size: usize,
     steps: usize,
     guidance: f32,
+    ablation: (bool, crate::dit::Pooling),
 ) -> Result<QuickEval, TrainError> {
     let device = Device::flex();
     let (model, tokenizer) = load_model_dir(model_dir, &device)?;
@@ -79,6 +80,11 @@ pub fn quick_eval(
             steps,
             guidance,
             seed: i as u64,
+            verifi: ablation.0,
+            conditioning: match ablation.1 {
+                crate::dit::Pooling::Lap => Conditioning::Lap,
+                crate::dit::Pooling::LastLayer => Conditioning::LastLayer,
+            },
             ..Settings::default()
         };
         let request = Request {

@@ -386,6 +386,7 @@ fn run_dit(
         config.vae.image_size as usize,
         20,
         3.0,
+        (config.dit.verifi, config.dit.pooling),
     )?;
     let (first, last) = run.curve.first_last_mean(20);
     Ok(Some(StageReport {

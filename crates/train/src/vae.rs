@@ -50,7 +50,7 @@ impl VaeStageConfig {
                 decoder_block_out_channels: vec![32, 32, 32],
                 num_encoder_blocks: vec![0, 1, 1],
                 num_decoder_blocks: vec![1, 1, 0],
-                latent_channels: 4,
+                latent_channels: 8,
                 ..AutoencoderTinyConfig::taef1()
             },
             batch: 8,

@@ -78,9 +78,9 @@ impl VlmStageConfig {
         Self {
             vlm: vlm_config(vocab, 64, 8, (64, 2, 128), (96, 6, 4, 256)),
             image_size: 64,
-            batch: 8,
+            batch: 16,
             optim: OptimConfig {
-                steps: 600,
+                steps: 1200,
                 lr: 2e-3,
                 warmup: 100,
                 final_lr_fraction: 0.05,
@@ -89,7 +89,7 @@ impl VlmStageConfig {
             },
             mix: TaskMix {
                 caption: 1.0,
-                rewrite: 1.5,
+                rewrite: 2.0,
                 edit: 1.0,
                 transfer: 0.5,
             },
@@ -202,6 +202,8 @@ pub struct VlmBatch {
     pub spans: Vec<(usize, usize)>,
     /// Per row: positions of its `<IMG_CONTEXT>` tokens.
     pub image_positions: Vec<Vec<usize>>,
+    /// Per row: positions of the user's own text (the DiT's rows with VERIFI off).
+    pub user_positions: Vec<Vec<usize>>,
 }
 
 /// Tokenises `samples` as VERIFI chats with their answers.
@@ -218,6 +220,7 @@ pub fn make_batch(
     let mut tiles = Vec::new();
     let mut spans = Vec::new();
     let mut image_positions = Vec::new();
+    let mut user_positions = Vec::new();
     for s in samples {
         let mut counts = Vec::new();
         for scene in &s.inputs {
@@ -253,6 +256,7 @@ pub fn make_batch(
         ids.push(IM_END);
         spans.push((prompt_len, ids.len()));
         image_positions.push(chat.image_positions);
+        user_positions.push(chat.user_positions);
         rows.push(ids);
     }
     let len = rows.iter().map(Vec::len).max().unwrap_or(0);
@@ -264,6 +268,7 @@ pub fn make_batch(
         pixels: (!tiles.is_empty()).then(|| Tensor::cat(tiles, 0)),
         spans,
         image_positions,
+        user_positions,
     })
 }
 
@@ -642,5 +647,15 @@ mod timing {
             "plain, forward + backward: {:.3} s",
             t.elapsed().as_secs_f64()
         );
+        for batch in [16, 32] {
+            let mut config = VlmStageConfig::recipe(512);
+            config.batch = batch;
+            let mut stage = VlmStage::new(config, &json, 0, Backend::Flex).expect("builds");
+            for k in 0..2 {
+                let t = Instant::now();
+                stage.step(k).expect("step");
+                println!("batch {batch}: step {:.3} s", t.elapsed().as_secs_f64());
+            }
+        }
     }
 }
