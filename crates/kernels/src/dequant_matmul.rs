@@ -12,13 +12,18 @@
 //! tested and selectable with [`fused_variant`]). Reference: [`dequant_matmul_reference`], which
 //! unpacks the words with burn integer ops and calls burn's matmul; it runs on every other
 //! device (Flex, autodiff) and is what the kernels are tested against.
+//!
+//! Precision: the layer computes in f32 whatever the device's default float dtype. Under f16
+//! (`unifusion_model::precision`) [`QuantLinear::forward`] casts its input to f32 and its
+//! output back: the weights are already 1 or ½ byte per value, so an f16 variant of the
+//! kernels would save no weight memory, and the scales' f16 → f32 decode is exact either way.
 
 use burn::backend::Wgpu;
 use burn::backend::wgpu::{
     CubeDim, CubeTensor, KernelSource, SourceKernel, SourceTemplate, into_contiguous,
 };
 use burn::module::{Module, Param};
-use burn::tensor::{DType, Device, Int, Shape, Tensor, TensorData};
+use burn::tensor::{DType, Device, FloatDType, Int, Shape, Tensor, TensorData};
 use cubecl::CubeCount;
 use cubecl::prelude::KernelId;
 use cubecl::server::KernelArguments;
@@ -64,7 +69,7 @@ pub struct QuantLinear {
     pub words: Tensor<1, Int>,
     /// The f16 scales, two per `u32` word (low half first), `⌈d_out · d_in / group / 2⌉`.
     pub scales: Tensor<1, Int>,
-    /// Optional bias `[d_out]`.
+    /// Optional bias `[d_out]`, f32 (the kernels' output dtype).
     pub bias: Option<Param<Tensor<1>>>,
     /// Input features.
     pub d_in: usize,
@@ -105,7 +110,7 @@ impl QuantLinear {
         Ok(Self {
             words: ints(weight.data_words()),
             scales: ints(weight.scale_words()),
-            bias: bias.map(Param::from_tensor),
+            bias: bias.map(|b| Param::from_tensor(b.cast(FloatDType::F32))),
             d_in: weight.cols,
             d_out: weight.rows,
             group: weight.group,
@@ -123,7 +128,8 @@ impl QuantLinear {
     }
 
     /// `x · dequant(W)ᵀ + bias`, `[..., d_in]` → `[..., d_out]`: the WGSL kernel on wgpu,
-    /// the plain-tensor reference elsewhere.
+    /// the plain-tensor reference elsewhere, in f32 (an f16 `x` is cast to f32 and the result
+    /// back to f16).
     ///
     /// # Panics
     /// When `x`'s last axis is not `d_in` (as `burn::nn::Linear` does).
@@ -136,14 +142,15 @@ impl QuantLinear {
             self.d_in
         );
         let rows = dims[..D - 1].iter().product::<usize>();
-        let x2 = x.reshape([rows, d_in]);
+        let dtype = x.dtype();
+        let x2 = x.reshape([rows, d_in]).cast(FloatDType::F32);
         let y = dequant_matmul(x2, self);
         let mut out = dims;
         out[D - 1] = self.d_out;
-        y.reshape(out)
+        y.reshape(out).cast(dtype)
     }
 
-    /// The dequantized weight `[d_out, d_in]`, by burn tensor ops on the layer's device.
+    /// The dequantized weight `[d_out, d_in]` in f32, by burn tensor ops on the layer's device.
     pub fn dequantize(&self) -> Tensor<2> {
         let device = self.words.device();
         let (bits, per_word) = (self.bits as i64, 32 / self.bits as usize);
@@ -163,7 +170,7 @@ impl QuantLinear {
             .collect();
         let q = Tensor::cat(parts, 1)
             .reshape([self.d_out, self.d_in])
-            .float();
+            .cast(FloatDType::F32);
         let groups = self.d_in / self.group;
         let scales = f16_words_to_f32(self.scales.clone(), self.d_out * groups, &device)
             .reshape([self.d_out, groups, 1]);
@@ -195,13 +202,13 @@ fn f16_words_to_f32(words: Tensor<1, Int>, count: usize, device: &Device) -> Ten
         .clone()
         .bitwise_right_shift_scalar(10)
         .bitwise_and_scalar(31);
-    let mantissa = h.bitwise_and_scalar(1023).float() / 1024.0;
-    let normal = exponent.clone().greater_elem(0).float();
+    let mantissa = h.bitwise_and_scalar(1023).cast(FloatDType::F32) / 1024.0;
+    let normal = exponent.clone().greater_elem(0).cast(FloatDType::F32);
     // Exact powers of two by table lookup (exp/powf would round).
     let table: Vec<f32> = (0..32).map(|e| 2f32.powi(e - 15)).collect();
-    let pow2 = Tensor::<1>::from_data(TensorData::new(table, [32]), device)
+    let pow2 = Tensor::<1>::from_data(TensorData::new(table, [32]), (device, DType::F32))
         .select(0, exponent.clamp_min(1));
-    let sign = sign.float().mul_scalar(-2.0).add_scalar(1.0);
+    let sign = sign.cast(FloatDType::F32).mul_scalar(-2.0).add_scalar(1.0);
     sign * (normal + mantissa) * pow2
 }
 

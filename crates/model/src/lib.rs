@@ -8,6 +8,7 @@
 //!   for text-to-image, editing, multi-reference, variation and zero-shot editing.
 //!
 //! - [`linear`]: Linear layers with a float or an int8/int4 weight ([`linear::LinearW`]).
+//! - [`precision`]: f32 or f16 compute, set on the device before loading.
 //! - [`load`]: a whole model from a packed manifest through the weights crate's streaming
 //!   loader (shard bytes from any source; nothing here reads files).
 
@@ -16,4 +17,5 @@ pub mod generator;
 pub mod linear;
 pub mod load;
 pub mod pipeline;
+pub mod precision;
 pub mod vlm;

@@ -11,7 +11,9 @@
 use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::tensor::activation::gelu_approximate;
-use burn::tensor::{Bool, Device, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, Tensor, TensorData};
+
+use crate::precision::{to_compute, to_f32};
 
 use super::config::Krea2Config;
 use super::layers::{Attention, KeyMask, Krea2RmsNorm, SwiGlu};
@@ -61,16 +63,18 @@ impl TimestepEmbedding {
                 true,
                 device,
             )?,
-            freqs: Tensor::from_data(TensorData::new(freqs, [half]), device),
+            // f32 whatever the precision: `1000·t·f` needs more than f16's 11 bits.
+            freqs: Tensor::from_data(TensorData::new(freqs, [half]), (device, DType::F32)),
         })
     }
 
-    /// `t` `[B]` in `[0, 1]` → `[B, 1, D]`.
+    /// `t` `[B]` in `[0, 1]` → `[B, 1, D]` (sinusoids in f32, the MLP in the compute dtype).
     pub fn forward(&self, t: Tensor<1>) -> Tensor<3> {
         let [batch] = t.dims();
         let [half] = self.freqs.dims();
-        let args = (t * 1000.0).reshape([batch, 1, 1]) * self.freqs.clone().reshape([1, 1, half]);
-        let emb = Tensor::cat(vec![args.clone().cos(), args.sin()], 2);
+        let args = (to_f32(t) * 1000.0).reshape([batch, 1, 1])
+            * to_f32(self.freqs.clone()).reshape([1, 1, half]);
+        let emb = to_compute(Tensor::cat(vec![args.clone().cos(), args.sin()], 2));
         self.linear_2
             .forward(gelu_approximate(self.linear_1.forward(emb)))
     }
@@ -291,6 +295,9 @@ impl Krea2Transformer {
 
     /// The velocity for the image tokens: `hidden_states` `[B, N, in_channels]`, `timestep`
     /// `[B]` in `[0, 1]`, `rope` over the `L + N` rows of `[text; image]` → `[B, N, in_channels]`.
+    ///
+    /// The velocity comes back in `hidden_states`' dtype (f32 latents stay f32 under an f16
+    /// device: only the inside of the DiT computes in f16; see [`crate::precision`]).
     pub fn forward_with_text(
         &self,
         hidden_states: Tensor<3>,
@@ -331,8 +338,12 @@ impl Krea2Transformer {
             KeyMask::from_valid(Tensor::cat(vec![m, image], 1))
         });
 
+        let latent_dtype = hidden_states.dtype();
         let mut h = Tensor::cat(
-            vec![text.tokens.clone(), self.img_in.forward(hidden_states)],
+            vec![
+                text.tokens.clone(),
+                self.img_in.forward(to_compute(hidden_states)),
+            ],
             1,
         );
         for block in &self.transformer_blocks {
@@ -340,7 +351,7 @@ impl Krea2Transformer {
         }
         let d = h.dims()[2];
         let h = h.slice([0..batch, n_text..n_text + n_image, 0..d]);
-        Ok(self.final_layer.forward(h, temb))
+        Ok(self.final_layer.forward(h, temb).cast(latent_dtype))
     }
 
     /// [`Self::encode_text`] then [`Self::forward_with_text`] (diffusers' `forward`).

@@ -4,6 +4,7 @@
 
 use crate::attention::blocked_attention;
 use crate::linear::LinearW;
+use crate::precision::{f32_param, norm_in_f32};
 use burn::module::{Module, Param};
 use burn::tensor::activation::{sigmoid, silu};
 use burn::tensor::ops::AttentionModuleOptions;
@@ -31,14 +32,20 @@ impl Krea2RmsNorm {
         device: &Device,
     ) -> Result<Self, LoadError> {
         Ok(Self {
-            weight: Param::from_tensor(src.tensor(&format!("{name}.weight"), [dim], device)?),
+            weight: Param::from_tensor(f32_param(src.tensor(
+                &format!("{name}.weight"),
+                [dim],
+                device,
+            )?)),
             eps,
         })
     }
 
     /// `[..., dim]` → `[..., dim]`.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        unifusion_kernels::rms_norm(x, self.weight.val() + 1.0, self.eps as f32)
+        norm_in_f32(x, |x| {
+            unifusion_kernels::rms_norm(x, self.weight.val() + 1.0, self.eps as f32)
+        })
     }
 }
 

@@ -16,6 +16,8 @@ use burn::tensor::{DType, Device, Shape, Tensor, TensorData};
 
 use unifusion_kernels::QuantLinear;
 
+use crate::precision::f32_param;
+
 use super::sampler::SeededNormal;
 use crate::linear::LinearW;
 
@@ -345,16 +347,17 @@ pub(crate) fn group_norm(
     device: &Device,
 ) -> Result<GroupNorm, LoadError> {
     Ok(GroupNorm {
-        gamma: Some(Param::from_tensor(src.tensor(
+        // f32 whatever the precision: the VAE runs its norms in f32 (`crate::precision`).
+        gamma: Some(Param::from_tensor(f32_param(src.tensor(
             &format!("{name}.weight"),
             [channels],
             device,
-        )?)),
-        beta: Some(Param::from_tensor(src.tensor(
+        )?))),
+        beta: Some(Param::from_tensor(f32_param(src.tensor(
             &format!("{name}.bias"),
             [channels],
             device,
-        )?)),
+        )?))),
         num_groups: groups,
         num_channels: channels,
         epsilon: eps,

@@ -12,7 +12,7 @@
 
 use std::ops::ControlFlow;
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 
 use super::GeneratorError;
 use super::dit::{Krea2Transformer, TextCondition, patchify, unpatchify};
@@ -230,7 +230,11 @@ impl Denoiser<3> for Guided<'_> {
     fn velocity(&self, x: Tensor<3>, t: f32) -> Result<Tensor<3>, GeneratorError> {
         let [batch, _, _] = x.dims();
         let device = x.device();
-        let timestep = Tensor::<1>::from_data(TensorData::new(vec![t; batch], [batch]), &device);
+        // f32 whatever the precision (the timestep embedding's sinusoids need it).
+        let timestep = Tensor::<1>::from_data(
+            TensorData::new(vec![t; batch], [batch]),
+            (&device, DType::F32),
+        );
         let v = self
             .model
             .forward_with_text(x.clone(), self.cond, timestep.clone(), self.rope)?;
@@ -381,12 +385,13 @@ fn exact_ln(x: f64) -> f64 {
     2.0 * sum + e as f64 * LN_2
 }
 
-/// Seeded `N(0, 1)` noise of `shape` on `device` (row-major order of draws).
+/// Seeded `N(0, 1)` noise of `shape` on `device` (row-major order of draws), in f32 whatever
+/// the device's precision: the sampler's latent state stays f32 (`crate::precision`).
 pub fn seeded_noise<const D: usize>(seed: u64, shape: [usize; D], device: &Device) -> Tensor<D> {
     let mut rng = SeededNormal::new(seed);
     let n = shape.iter().product();
     let values: Vec<f32> = (0..n).map(|_| rng.next_f32()).collect();
-    Tensor::from_data(TensorData::new(values, shape), device)
+    Tensor::from_data(TensorData::new(values, shape), (device, DType::F32))
 }
 
 #[cfg(test)]

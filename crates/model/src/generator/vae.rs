@@ -8,6 +8,7 @@
 //! (`z / scaling_factor + shift_factor`) and its inverse [`AutoencoderKl::scale_latents`].
 
 use crate::attention::blocked_attention;
+use crate::precision::norm_in_f32;
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, Linear};
@@ -18,6 +19,12 @@ use burn::tensor::{Device, Tensor};
 use super::config::AutoencoderKlConfig;
 use super::params::{LoadError, ParamSource, conv2d, group_norm, linear};
 use super::{GeneratorError, check_shape};
+
+/// GroupNorm with its statistics in f32 whatever the compute precision (its parameters are
+/// f32: [`group_norm`]).
+fn group_norm_f32(norm: &GroupNorm, x: Tensor<4>) -> Tensor<4> {
+    norm_in_f32(x, |x| norm.forward(x))
+}
 
 const EPS: f64 = 1e-6;
 
@@ -82,8 +89,10 @@ impl ResnetBlock {
     }
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
-        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let h = self
+            .conv1
+            .forward(silu(group_norm_f32(&self.norm1, x.clone())));
+        let h = self.conv2.forward(silu(group_norm_f32(&self.norm2, h)));
         let skip = match &self.conv_shortcut {
             Some(conv) => conv.forward(x),
             None => x,
@@ -121,9 +130,7 @@ impl AttentionBlock {
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
-        let t = self
-            .group_norm
-            .forward(x.clone())
+        let t = group_norm_f32(&self.group_norm, x.clone())
             .reshape([b, c, h * w])
             .swap_dims(1, 2);
         let q = self.to_q.forward(t.clone()).unsqueeze_dim::<4>(1);
@@ -297,7 +304,8 @@ impl Decoder {
                 x = conv.forward(upsample_nearest(x, 2));
             }
         }
-        self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
+        self.conv_out
+            .forward(silu(group_norm_f32(&self.conv_norm_out, x)))
     }
 }
 
@@ -399,7 +407,8 @@ impl Encoder {
             }
         }
         let x = self.mid_block.forward(x);
-        self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
+        self.conv_out
+            .forward(silu(group_norm_f32(&self.conv_norm_out, x)))
     }
 }
 

@@ -2,7 +2,7 @@
 //! LAP (the default), conditioning on the last tapped layer only, LAP layer dropout (zero the
 //! pooling weight of chosen layers, Fig. 8), and reading the pooling weights (Fig. 6/7).
 
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
 
 use super::{PipelineError, UniFusion};
 use crate::generator::TextCondition;
@@ -82,6 +82,7 @@ impl UniFusion {
             .transformer
             .text_fusion
             .pooling_weights()
+            .cast(DType::F32)
             .into_data_async()
             .await
             .map_err(|e| PipelineError::Device(format!("{e:?}")))?;

@@ -21,6 +21,7 @@ use burn::tensor::{Device, Tensor};
 use crate::generator::tiny_vae::TinyDecoder;
 use crate::generator::vae::AutoencoderKl;
 use crate::generator::{GeneratorError, Krea2Transformer};
+use crate::precision::to_compute;
 use crate::vlm::{InternVl, InternVlConfig, VlmError};
 
 pub use condition::Conditioning;
@@ -68,12 +69,15 @@ pub enum Vae {
 
 impl Vae {
     /// Pipeline latents `[B, C, h, w]` (what the DiT samples) → image `[B, 3, H, W]` in about
-    /// [−1, 1].
+    /// [−1, 1], in the latents' dtype (the decoder itself runs in the device's precision).
     pub fn decode(&self, latents: Tensor<4>) -> Result<Tensor<4>, GeneratorError> {
-        match self {
+        let dtype = latents.dtype();
+        let latents = to_compute(latents);
+        let image = match self {
             Vae::Kl(vae) => vae.decode(vae.unscale_latents(latents)),
             Vae::Tiny(decoder) => decoder.decode(latents),
-        }
+        }?;
+        Ok(image.cast(dtype))
     }
 }
 

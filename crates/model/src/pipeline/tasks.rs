@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorData};
 
 use super::condition::Conditioning;
 use super::verifi::{Image, Tokenize};
@@ -428,7 +428,9 @@ impl Sampling<'_> {
     fn step(&mut self, i: usize) -> Result<(Progress, Tensor<3>), PipelineError> {
         let (cond, phase) = self.schedule.at(i);
         let ts = self.scheduler.timestep(i);
-        let timestep = Tensor::<1>::from_data(TensorData::new(vec![ts], [1]), &self.device);
+        // f32 whatever the precision (the timestep embedding's sinusoids need it).
+        let timestep =
+            Tensor::<1>::from_data(TensorData::new(vec![ts], [1]), (&self.device, DType::F32));
         let rope = self.rope(cond.tokens.dims()[1]);
         let t = &self.model.transformer;
         let v = t.forward_with_text(self.x.clone(), cond, timestep.clone(), &rope)?;

@@ -9,6 +9,7 @@
 
 use crate::attention::blocked_attention;
 use crate::linear::LinearW;
+use crate::precision::{f32_param, norm_in_f32};
 use burn::module::{Module, Param};
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData, activation};
@@ -35,13 +36,19 @@ impl RmsNorm {
         device: &Device,
     ) -> Result<Self, VlmError> {
         Ok(Self {
-            weight: Param::from_tensor(w.take(&format!("{name}.weight"), [dim], device)?),
+            weight: Param::from_tensor(f32_param(w.take(
+                &format!("{name}.weight"),
+                [dim],
+                device,
+            )?)),
             eps,
         })
     }
-    /// `[..., hidden]` → same shape.
+    /// `[..., hidden]` → same shape (statistics in f32 whatever the precision).
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        unifusion_kernels::rms_norm(x, self.weight.val(), self.eps as f32)
+        norm_in_f32(x, |x| {
+            unifusion_kernels::rms_norm(x, self.weight.val(), self.eps as f32)
+        })
     }
 }
 

@@ -10,6 +10,7 @@
 
 use crate::attention::blocked_attention;
 use crate::linear::LinearW;
+use crate::precision::{f32_param, norm_in_f32};
 use burn::module::{Module, Param};
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Tensor, TensorData, activation};
@@ -39,21 +40,29 @@ impl Norm {
         eps: f64,
         device: &Device,
     ) -> Result<Self, VlmError> {
-        let weight = Param::from_tensor(w.take(&format!("{name}.weight"), [dim], device)?);
+        let weight = Param::from_tensor(f32_param(w.take(
+            &format!("{name}.weight"),
+            [dim],
+            device,
+        )?));
         let bias = if layer_norm {
-            Some(Param::from_tensor(w.take(
+            Some(Param::from_tensor(f32_param(w.take(
                 &format!("{name}.bias"),
                 [dim],
                 device,
-            )?))
+            )?)))
         } else {
             None
         };
         Ok(Self { weight, bias, eps })
     }
 
-    /// `[..., dim]` → same shape.
+    /// `[..., dim]` → same shape (statistics in f32 whatever the precision).
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        norm_in_f32(x, |x| self.forward_f32(x))
+    }
+
+    fn forward_f32<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         match &self.bias {
             None => unifusion_kernels::rms_norm(x, self.weight.val(), self.eps as f32),
             Some(bias) => {
