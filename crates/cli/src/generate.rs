@@ -22,7 +22,7 @@ use unifusion_weights::Progress as LoadProgress;
 use unifusion_weights::native::{DirSource, MANIFEST_FILE, read_bounded, read_manifest};
 
 use crate::CliError;
-use crate::device::Backend;
+use crate::device::{Backend, PrecisionArg};
 use crate::image_io::{io_words, write_png};
 use unifusion_model::vlm::processor::VlmTokenizer;
 
@@ -62,6 +62,10 @@ pub struct SampleArgs {
     /// Backend.
     #[arg(long, value_enum, default_value_t = Backend::Wgpu)]
     pub backend: Backend,
+    /// Compute precision (docs/WEIGHTS.md, "Compute precision"). f32 by default, so native
+    /// images stay the reference the browser's f32 path is compared with.
+    #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
+    pub precision: PrecisionArg,
     /// Condition on the prompt's own tokens instead of the VLM's rewrite (VERIFI off).
     #[arg(long)]
     pub no_verifi: bool,
@@ -240,7 +244,10 @@ pub fn run_task(
         images,
     };
     request.validate().map_err(usage)?;
-    let device = args.backend.device();
+    let (device, precision) = args.backend.device_with(args.precision)?;
+    if !args.quiet {
+        eprintln!("computing in {precision}");
+    }
     let (mut model, tokenizer) = load_model(&args.model, &device, args.quiet)?;
     if let Some(n) = args.max_rewrite_tokens {
         model.config.max_rewrite_tokens = n;

@@ -5,7 +5,11 @@
 //! The report carries the inputs too, so a checker with its own CPU arithmetic (the browser
 //! test in JavaScript, the native test in f64 Rust) can recompute every number independently.
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorData};
+
+/// The self-test checks the f32 kernels, so its tensors are f32 whatever the device's default
+/// float dtype (an f16 page still runs them: norms and quantized Linears compute in f32).
+const F32: DType = DType::F32;
 use serde::Serialize;
 
 use unifusion_weights::quant::{QuantBits, quantize};
@@ -100,9 +104,9 @@ pub async fn run(device: &Device, shape: SelfTestShape) -> Result<SelfTestReport
     let weight = fixture_values(2, cols);
     let w = fixture_values(3, cols * out);
 
-    let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [rows, cols]), device);
-    let weight_t = Tensor::<1>::from_data(TensorData::new(weight.clone(), [cols]), device);
-    let wt = Tensor::<2>::from_data(TensorData::new(w.clone(), [cols, out]), device);
+    let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [rows, cols]), (device, F32));
+    let weight_t = Tensor::<1>::from_data(TensorData::new(weight.clone(), [cols]), (device, F32));
+    let wt = Tensor::<2>::from_data(TensorData::new(w.clone(), [cols, out]), (device, F32));
 
     let matmul = read(xt.clone().matmul(wt)).await?;
     let rms_norm_fused = match rms_norm_fused(xt.clone(), weight_t.clone(), eps) {
@@ -144,7 +148,7 @@ async fn quant_check(
     let x = fixture_values(4, m * k);
     let q = quantize(&fixture_values(5, n * k), n, k, bits, 32).map_err(|e| e.to_string())?;
     let layer = QuantLinear::new(&q, None, device).map_err(|e| e.to_string())?;
-    let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [m, k]), device);
+    let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [m, k]), (device, F32));
     let kernel = match dequant_matmul_fused(xt, &layer) {
         Ok(y) => Some(read(y).await?),
         Err(_) => None,

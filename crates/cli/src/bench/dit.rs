@@ -14,10 +14,11 @@ use unifusion_model::generator::sampler::seeded_noise;
 use unifusion_model::generator::tiny_vae::TinyDecoder;
 use unifusion_model::generator::vae::AutoencoderKl;
 use unifusion_model::generator::{Krea2Transformer, RopeTable, WeightMap, position_ids};
+use unifusion_model::precision::to_compute;
 
 use super::median_ms;
 use crate::CliError;
-use crate::device::Backend;
+use crate::device::{Backend, PrecisionArg};
 
 /// Text tokens in every DiT row (the baseline uses the same).
 const TEXT_LEN: usize = 64;
@@ -32,6 +33,9 @@ pub struct Args {
     /// Backend to time.
     #[arg(long, value_enum, default_value_t = Backend::Wgpu)]
     backend: Backend,
+    /// Compute precision (f16 needs a wgpu adapter with shader-f16).
+    #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
+    precision: PrecisionArg,
     /// Image token counts (comma-separated; each becomes the nearest grid `⌊√n⌋ × n/⌊√n⌋`).
     #[arg(long, value_delimiter = ',', default_value = "256,1024,4096")]
     tokens: Vec<usize>,
@@ -78,12 +82,12 @@ pub fn run(args: Args) -> Result<(), CliError> {
     let torch: serde_json::Value =
         serde_json::from_str(line).map_err(|e| usage(format!("baseline output {line:?}: {e}")))?;
     let iters = args.iters as usize;
-    let device: Device = args.backend.device();
+    let (device, precision): (Device, _) = args.backend.device_with(args.precision)?;
 
     let (cfg, mut w): (Krea2Config, _) = load_dir(&dir.join("krea2"))?;
     let model = Krea2Transformer::load(&cfg, &mut w, &device).map_err(usage)?;
     println!(
-        "Krea2Transformer2DModel `{}` ({} blocks, width {}, {}/{} heads, {} taps of {}), batch 1, {TEXT_LEN} text tokens, f32, median of {iters}, ms\n",
+        "Krea2Transformer2DModel `{}` ({} blocks, width {}, {}/{} heads, {} taps of {}), batch 1, {TEXT_LEN} text tokens, {precision}, median of {iters}, ms\n",
         args.variant,
         cfg.num_layers,
         cfg.hidden_size(),
@@ -102,11 +106,12 @@ pub fn run(args: Args) -> Result<(), CliError> {
         let side = n.isqrt().max(1);
         let (gh, gw) = (side, n / side);
         let x = seeded_noise::<3>(1, [1, gh * gw, cfg.in_channels], &device);
-        let e = seeded_noise::<4>(
+        // The VLM's taps arrive in the compute dtype; latents stay f32 (`precision`).
+        let e = to_compute(seeded_noise::<4>(
             2,
             [1, TEXT_LEN, cfg.num_text_layers, cfg.text_hidden_dim],
             &device,
-        );
+        ));
         let t = Tensor::<1>::from_data(TensorData::new(vec![0.5f32], [1]), &device);
         let rope = RopeTable::new(
             &position_ids(TEXT_LEN, gh, gw),
@@ -135,7 +140,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
     let vae = AutoencoderKl::load_decoder(&vcfg, &mut w, &device).map_err(usage)?;
     let (tcfg, mut w): (AutoencoderTinyConfig, _) = load_dir(&dir.join("tiny_vae"))?;
     let tiny = TinyDecoder::load(&tcfg, &mut w, "decoder", &device).map_err(usage)?;
-    let z = seeded_noise::<4>(3, [1, 16, VAE_LATENT, VAE_LATENT], &device);
+    let z = to_compute(seeded_noise::<4>(3, [1, 16, VAE_LATENT, VAE_LATENT], &device));
     let side = |t: Tensor<4>| t.dims()[2];
     let vae_px = side(vae.decode(z.clone()).map_err(usage)?);
     let tiny_px = side(tiny.decode(z.clone()).map_err(usage)?);

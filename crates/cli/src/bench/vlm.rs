@@ -12,7 +12,7 @@ use burn::tensor::Device;
 use unifusion_model::vlm::{GenerateOptions, InternVl, InternVlConfig, Weights};
 
 use crate::CliError;
-use crate::device::Backend;
+use crate::device::{Backend, PrecisionArg};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -22,6 +22,9 @@ pub struct Args {
     /// Backend to time.
     #[arg(long, value_enum, default_value_t = Backend::Wgpu)]
     backend: Backend,
+    /// Compute precision (f16 needs a wgpu adapter with shader-f16).
+    #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
+    precision: PrecisionArg,
     /// Prompt tokens.
     #[arg(long, default_value_t = 128)]
     prompt_len: usize,
@@ -72,7 +75,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
     };
     let text = String::from_utf8_lossy(&read("config.json")?).into_owned();
     let config = InternVlConfig::from_json(&text).map_err(|e| CliError::Usage(e.to_string()))?;
-    let device: Device = args.backend.device();
+    let (device, precision): (Device, _) = args.backend.device_with(args.precision)?;
     let mut weights = Weights::new();
     weights
         .add_safetensors(&read("model.safetensors")?)
@@ -118,7 +121,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
     }
     let (rp, rd) = (median(prefill), median(decode));
     println!(
-        "VLM `{}` ({} layers, hidden {}), prompt {} tokens, {} new tokens, median of {} runs, tokens/s\n",
+        "VLM `{}` ({} layers, hidden {}), {precision}, prompt {} tokens, {} new tokens, median of {} runs, tokens/s\n",
         args.variant,
         config.text_config.num_hidden_layers,
         config.text_config.hidden_size,
