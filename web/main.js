@@ -135,6 +135,8 @@ async function loadModel() {
       (m.cached ? '; cached for offline use.' : '; not cached.');
     for (const id of ['width', 'height']) $(id).step = String(m.sizeMultiple);
     setStatus('ok', `Ready. ${m.id} runs on this device's GPU.`);
+    // A model with its own defaults (the trained demo model: 64×64, 20 steps) starts there.
+    if (m.defaults) for (const id of ['width', 'height', 'steps', 'guidance']) $(id).value = String(m.defaults[id]);
     setBusy(false);
   } catch (error) {
     if (error.name === 'AbortError') setStatus('error', 'Model download cancelled. Reload the page to start again; what arrived is kept.');

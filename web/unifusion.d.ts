@@ -42,6 +42,8 @@ export interface ModelSummary {
   sizeMultiple: number;
   taps: number[];
   maxRewriteTokens: number;
+  /** The model's own sampler defaults (`pipeline.defaults` in its config), or null. */
+  defaults: { width: number; height: number; steps: number; guidance: number } | null;
   shards: number;
   /** Bytes of all shards. */
   bytes: number;

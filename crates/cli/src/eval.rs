@@ -53,15 +53,15 @@ pub struct Args {
     /// Score these cases (JSON lines `{"prompt", "scene"}`) instead of the held-out set.
     #[arg(long)]
     cases: Option<PathBuf>,
-    /// Image side in pixels (the judge needs at least 24).
-    #[arg(long, default_value_t = 64)]
-    size: usize,
-    /// Euler steps.
-    #[arg(long, default_value_t = Settings::default().steps)]
-    steps: usize,
-    /// Classifier-free guidance weight.
-    #[arg(long, default_value_t = Settings::default().guidance)]
-    guidance: f32,
+    /// Image side in pixels, at least 24 for the judge (default: the model's own width, else 64).
+    #[arg(long)]
+    size: Option<usize>,
+    /// Euler steps (default: the model's own, else the pipeline's).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Classifier-free guidance weight (default: the model's own, else the pipeline's).
+    #[arg(long)]
+    guidance: Option<f32>,
     /// Seed of the held-out set (which scenes and phrasings).
     #[arg(long, default_value_t = 0)]
     set_seed: u64,
@@ -248,27 +248,31 @@ fn print_edit(title: &str, t: &serde_json::Value) {
 }
 
 pub fn run(args: Args) -> Result<(), CliError> {
-    if args.size < 24 {
+    if let Some(size) = args.size.filter(|&s| s < 24) {
         return Err(CliError::Usage(format!(
-            "--size {}: the judge needs at least 24 px",
-            args.size
+            "--size {size}: the judge needs at least 24 px"
         )));
     }
     let cases = args.cases.as_deref().map(read_cases).transpose()?;
     let device = args.backend.device();
     let (model, tokenizer) = load_model(&args.model, &device, args.quiet)?;
+    let base = model.config.default_settings();
+    let size = args
+        .size
+        .unwrap_or(if model.config.defaults.is_some() { base.width } else { 64 });
     let settings = Settings {
-        width: args.size,
-        height: args.size,
-        steps: args.steps,
-        guidance: args.guidance,
+        width: size,
+        height: size,
+        steps: args.steps.unwrap_or(base.steps),
+        guidance: args.guidance.unwrap_or(base.guidance),
         verifi: !args.no_verifi,
         conditioning: match args.pooling {
             crate::generate::Pooling::Lap => Conditioning::Lap,
             crate::generate::Pooling::LastLayer => Conditioning::LastLayer,
         },
-        ..Settings::default()
+        ..base
     };
+    let (steps, guidance) = (settings.steps, settings.guidance);
     model
         .validate_settings(&settings)
         .map_err(|e| CliError::Usage(e.to_string()))?;
@@ -294,7 +298,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
         settings,
         bar,
     };
-    let render_config = RenderConfig::with_size(args.size as u32);
+    let render_config = RenderConfig::with_size(size as u32);
     let draw = |scene: &Scene| -> Result<Image, CliError> {
         render(scene, &render_config)
             .map(|img| to_image(&img))
@@ -365,10 +369,10 @@ pub fn run(args: Args) -> Result<(), CliError> {
     println!(
         "# unifusion eval: {} (seeds {seeds}, {}×{} px, {} steps, guidance {})",
         args.model.display(),
-        args.size,
-        args.size,
-        args.steps,
-        args.guidance
+        size,
+        size,
+        steps,
+        guidance
     );
     print_t2i("Text-to-image", &report["t2i"]);
     if report.get("edit").is_some() {

@@ -41,21 +41,21 @@ pub struct SampleArgs {
     /// Model: a packed manifest.json (or its directory), or an unpacked model directory.
     #[arg(long)]
     pub model: PathBuf,
-    /// Euler steps.
-    #[arg(long, default_value_t = 28)]
-    pub steps: usize,
-    /// Classifier-free guidance weight (1 = off).
-    #[arg(long, default_value_t = 4.5)]
-    pub guidance: f32,
+    /// Euler steps (default: the model's own, else 28).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Classifier-free guidance weight, 1 = off (default: the model's own, else 4.5).
+    #[arg(long)]
+    pub guidance: Option<f32>,
     /// Seed of the initial noise.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Output width in pixels.
-    #[arg(long, default_value_t = 1024)]
-    pub width: usize,
-    /// Output height in pixels.
-    #[arg(long, default_value_t = 1024)]
-    pub height: usize,
+    /// Output width in pixels (default: the model's own, else 1024).
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Output height in pixels (default: the model's own, else 1024).
+    #[arg(long)]
+    pub height: Option<usize>,
     /// Output PNG.
     #[arg(long, default_value = "unifusion.png")]
     pub out: PathBuf,
@@ -168,12 +168,13 @@ fn load_model_dir(dir: &Path, device: &Device) -> Result<(UniFusion, VlmTokenize
 }
 
 impl SampleArgs {
-    fn settings(&self) -> Settings {
+    /// The flags over `base` (the model's `PipelineConfig::default_settings`).
+    fn settings(&self, base: Settings) -> Settings {
         Settings {
-            width: self.width,
-            height: self.height,
-            steps: self.steps,
-            guidance: self.guidance,
+            width: self.width.unwrap_or(base.width),
+            height: self.height.unwrap_or(base.height),
+            steps: self.steps.unwrap_or(base.steps),
+            guidance: self.guidance.unwrap_or(base.guidance),
             seed: self.seed,
             verifi: !self.no_verifi,
             conditioning: match (self.pooling, self.drop_layers.is_empty()) {
@@ -181,22 +182,19 @@ impl SampleArgs {
                 (Pooling::Lap, true) => Conditioning::Lap,
                 (Pooling::Lap, false) => Conditioning::LapDropout(self.drop_layers.clone()),
             },
-            ..Settings::default()
+            ..base
         }
     }
 
     /// Cheap checks before the model is loaded, so bad flags fail fast.
     fn check(&self) -> Result<(), CliError> {
-        if self.width == 0 || self.height == 0 {
-            return Err(CliError::Usage(format!(
-                "--width/--height: {}×{} is empty",
-                self.width, self.height
-            )));
+        if self.width == Some(0) || self.height == Some(0) {
+            return Err(CliError::Usage("--width/--height: an image needs at least one pixel".into()));
         }
-        if self.steps == 0 {
+        if self.steps == Some(0) {
             return Err(CliError::Usage("--steps must be at least 1".into()));
         }
-        if !self.guidance.is_finite() {
+        if self.guidance.is_some_and(|g| !g.is_finite()) {
             return Err(CliError::Usage("--guidance must be a finite number".into()));
         }
         if self.pooling == Pooling::LastLayer && !self.drop_layers.is_empty() {
@@ -252,7 +250,7 @@ pub fn run_task(
     if let Some(n) = args.max_rewrite_tokens {
         model.config.max_rewrite_tokens = n;
     }
-    let settings = args.settings();
+    let settings = args.settings(model.config.default_settings());
     model.validate_settings(&settings).map_err(usage)?;
 
     let bar = Progress::sampling(settings.steps, args.quiet);

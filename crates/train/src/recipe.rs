@@ -17,6 +17,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use unifusion_model::pipeline::config::SampleDefaults;
 use unifusion_model::pipeline::{PipelineConfig, UniFusionConfig, VaeConfig, every_third_layer};
 use unifusion_model::vlm::{InternVl, Weights};
 
@@ -147,6 +148,12 @@ impl RecipeConfig {
                 max_rewrite_tokens: self.dit.max_rewrite_tokens,
                 stop_tokens: vec![crate::tokenizer::IM_END],
                 max_tiles: 1,
+                defaults: Some(SampleDefaults {
+                    width: self.vae.image_size as usize,
+                    height: self.vae.image_size as usize,
+                    steps: 20,
+                    guidance: 3.0,
+                }),
                 ..PipelineConfig::default()
             },
         }

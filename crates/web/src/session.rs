@@ -65,6 +65,8 @@ struct ModelSummary {
     size_multiple: usize,
     taps: Vec<usize>,
     max_rewrite_tokens: usize,
+    /// The model's own sampler defaults (size, steps, guidance), if it has them.
+    defaults: Option<unifusion_model::pipeline::config::SampleDefaults>,
     shards: usize,
     bytes: u64,
 }
@@ -105,6 +107,7 @@ pub async fn load_model(
         size_multiple: loaded.model.size_multiple(),
         taps: loaded.model.taps().to_vec(),
         max_rewrite_tokens: loaded.model.config.max_rewrite_tokens,
+        defaults: loaded.model.config.defaults.clone(),
         shards: manifest.shards.len(),
         bytes: manifest.total_shard_bytes(),
     };

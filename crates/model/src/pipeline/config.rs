@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::Settings;
 use crate::generator::{AutoencoderKlConfig, AutoencoderTinyConfig, Krea2Config};
 use crate::vlm::InternVlConfig;
 
@@ -31,6 +32,25 @@ pub struct PipelineConfig {
     pub stop_tokens: Vec<u32>,
     /// Most 448-px (tile-size) tiles per input image, thumbnail not counted (paper: 10).
     pub max_tiles: usize,
+    /// The sampler settings the model is meant to run with, where they differ from the
+    /// pipeline's [`Settings::default`] (a small trained model's native size, the steps and
+    /// guidance it was evaluated at). Front ends start from [`PipelineConfig::default_settings`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub defaults: Option<SampleDefaults>,
+}
+
+/// A model's own sampler defaults (`config.json`: `pipeline.defaults`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SampleDefaults {
+    /// Output width in pixels.
+    pub width: usize,
+    /// Output height in pixels.
+    pub height: usize,
+    /// Euler steps.
+    pub steps: usize,
+    /// CFG weight.
+    pub guidance: f32,
 }
 
 impl Default for PipelineConfig {
@@ -41,11 +61,27 @@ impl Default for PipelineConfig {
             max_rewrite_tokens: 256,
             stop_tokens: Vec::new(),
             max_tiles: 10,
+            defaults: None,
         }
     }
 }
 
 impl PipelineConfig {
+    /// [`Settings::default`] with the model's own [`SampleDefaults`] over it.
+    pub fn default_settings(&self) -> Settings {
+        let base = Settings::default();
+        match &self.defaults {
+            Some(d) => Settings {
+                width: d.width,
+                height: d.height,
+                steps: d.steps,
+                guidance: d.guidance,
+                ..base
+            },
+            None => base,
+        }
+    }
+
     /// The taps to use for an LLM of `num_layers` layers (the configured list, or every third).
     pub fn taps_for(&self, num_layers: usize) -> Vec<usize> {
         if self.taps.is_empty() {

@@ -25,7 +25,7 @@ use crate::precision::to_compute;
 use crate::vlm::{InternVl, InternVlConfig, VlmError};
 
 pub use condition::Conditioning;
-pub use config::{PipelineConfig, UniFusionConfig, VaeConfig, every_third_layer};
+pub use config::{PipelineConfig, SampleDefaults, UniFusionConfig, VaeConfig, every_third_layer};
 pub use tasks::{Event, Output, Phase, Progress, Request, Settings, Task, Watch};
 pub use verifi::{Condition, Image, Tokenize};
 
