@@ -257,9 +257,11 @@ pub fn run(args: Args) -> Result<(), CliError> {
     let device = args.backend.device();
     let (model, tokenizer) = load_model(&args.model, &device, args.quiet)?;
     let base = model.config.default_settings();
-    let size = args
-        .size
-        .unwrap_or(if model.config.defaults.is_some() { base.width } else { 64 });
+    let size = args.size.unwrap_or(if model.config.defaults.is_some() {
+        base.width
+    } else {
+        64
+    });
     let settings = Settings {
         width: size,
         height: size,

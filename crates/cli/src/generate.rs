@@ -189,7 +189,9 @@ impl SampleArgs {
     /// Cheap checks before the model is loaded, so bad flags fail fast.
     fn check(&self) -> Result<(), CliError> {
         if self.width == Some(0) || self.height == Some(0) {
-            return Err(CliError::Usage("--width/--height: an image needs at least one pixel".into()));
+            return Err(CliError::Usage(
+                "--width/--height: an image needs at least one pixel".into(),
+            ));
         }
         if self.steps == Some(0) {
             return Err(CliError::Usage("--steps must be at least 1".into()));
