@@ -57,7 +57,8 @@ function fillTable(table, rows) {
 }
 
 function showDevice(caps) {
-  state.adapter = { info: caps.adapter, limits: caps.limits, features: caps.features };
+  state.adapter = { info: caps.adapter, limits: caps.limits, features: caps.features, shaderF16: caps.shaderF16 };
+  state.computeDtype = caps.computeDtype;
   fillTable($('adapter'), Object.entries(caps.adapter).map(([k, v]) => [k, v ?? '—']));
   fillTable($('limits'), Object.entries(caps.limits).sort().map(([k, v]) => [k, v.toLocaleString('en')]));
   $('features').replaceChildren(...caps.features.map((f) => Object.assign(document.createElement('li'), { textContent: f })));
@@ -134,9 +135,9 @@ async function loadModel() {
       `Loaded in ${seconds} s: ${m.downloadedBytes ? `${mb(m.downloadedBytes)} downloaded` : 'nothing downloaded'}, ${m.fromCache} files from the cache` +
       (m.cached ? '; cached for offline use.' : '; not cached.');
     for (const id of ['width', 'height']) $(id).step = String(m.sizeMultiple);
-    setStatus('ok', `Ready. ${m.id} runs on this device's GPU.`);
     // A model with its own defaults (the trained demo model: 64×64, 20 steps) starts there.
     if (m.defaults) for (const id of ['width', 'height', 'steps', 'guidance']) $(id).value = String(m.defaults[id]);
+    setStatus('ok', `Ready. ${m.id} runs on this device's GPU.`);
     setBusy(false);
   } catch (error) {
     if (error.name === 'AbortError') setStatus('error', 'Model download cancelled. Reload the page to start again; what arrived is kept.');
@@ -404,7 +405,8 @@ async function main() {
     );
   }
   setStatus('loading', 'Starting the GPU (WebGPU) and checking it…');
-  state.uf = await UniFusion.create();
+  // ?precision=f32|f16|auto (default auto: f16 where the adapter has shader-f16).
+  state.uf = await UniFusion.create({ precision: params.get('precision') ?? 'auto' });
   state.uf.onNotice = notice;
   showDevice(state.uf.capabilities);
   if (params.get('autoload') === '0') {

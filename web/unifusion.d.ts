@@ -63,7 +63,8 @@ export interface Capabilities {
   features: string[];
   /** The adapter has `shader-f16`. */
   shaderF16: boolean;
-  /** What the model computes in (f32 for now: the loader places floats as f32). */
+  /** What the model computes in: f16 (weights on the GPU as f16, norms and sampler state in
+   *  f32) where the adapter has `shader-f16` and f16 was allowed, f32 otherwise. */
   computeDtype: 'f32' | 'f16';
   /** The device self-test's raw report (checked by web/reference.js). */
   selftest: unknown;
@@ -156,7 +157,9 @@ export const DEFAULTS: Readonly<Required<Pick<GenerateParams, 'steps' | 'guidanc
 
 export class UniFusion {
   /** Starts the worker, initialises WebGPU there and runs the device self-test. */
-  static create(options?: { workerUrl?: string | URL }): Promise<UniFusion>;
+  /** `precision`: 'auto' (default) computes in f16 where the adapter has `shader-f16` and in
+   *  f32 elsewhere; 'f16' is refused (the promise rejects) on an adapter without it. */
+  static create(options?: { workerUrl?: string | URL; precision?: 'auto' | 'f32' | 'f16' }): Promise<UniFusion>;
   readonly capabilities: Capabilities | null;
   readonly model: ModelSummary | null;
   /** Told when the facade recovers from a lost GPU device. */

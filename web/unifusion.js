@@ -32,6 +32,7 @@ export class UniFusion {
   #manifestUrl = null;
   #loadOptions = {};
   #recovering = null;
+  #precision = 'auto';
   /** What `init` reported: adapter, limits, features, shaderF16, self-test. */
   capabilities = null;
   /** The loaded model's summary, or null. */
@@ -39,13 +40,18 @@ export class UniFusion {
   /** Called with a notice string when the facade recovers from a lost device. */
   onNotice = () => {};
 
-  constructor(workerUrl) {
+  constructor(workerUrl, precision) {
     this.#workerUrl = workerUrl;
+    this.#precision = precision;
   }
 
-  /** Starts the worker, initialises WebGPU there and runs the device self-test. */
-  static async create({ workerUrl = new URL('./worker.js', import.meta.url) } = {}) {
-    const uf = new UniFusion(workerUrl);
+  /**
+   * Starts the worker, initialises WebGPU there (computing in `precision`: 'auto' = f16 where
+   * the adapter has shader-f16, else f32; 'f16' is refused without it) and runs the device
+   * self-test.
+   */
+  static async create({ workerUrl = new URL('./worker.js', import.meta.url), precision = 'auto' } = {}) {
+    const uf = new UniFusion(workerUrl, precision);
     await uf.#start();
     return uf;
   }
@@ -58,7 +64,7 @@ export class UniFusion {
       event.preventDefault?.();
       this.#failAll({ name: 'Error', code: 'worker-crashed', message: `The model worker stopped: ${event.message ?? 'unknown error'}` });
     };
-    this.capabilities = await this.#call('init');
+    this.capabilities = await this.#call('init', { precision: this.#precision });
   }
 
   #receive({ id, type, value, error }) {

@@ -34,7 +34,7 @@ async function handle(message, signal) {
   try {
     signal.throwIfAborted();
     let value;
-    if (type === 'init') value = await initialise();
+    if (type === 'init') value = await initialise(message.precision);
     else if (type === 'load') value = await load(message, signal, (p) => emit('progress', p));
     else if (type === 'run') value = await run(message, signal, (s) => emit('step', s));
     else if (type === 'cacheInfo') value = await cacheInfo();
@@ -75,7 +75,12 @@ function describe(error, signal) {
 // ---------------------------------------------------------------------------------------------
 // Device
 
-async function initialise() {
+/**
+ * Starts WebGPU and burn's device in `precision` ('auto': f16 where the adapter has
+ * `shader-f16`, f32 otherwise; 'f16' is refused without it; 'f32'). The first call decides;
+ * later calls return the same capabilities.
+ */
+async function initialise(precision = 'auto') {
   if (capabilities) return capabilities;
   if (!('gpu' in navigator)) {
     throw Object.assign(new Error('This browser has no WebGPU.'), { code: 'no-webgpu' });
@@ -89,7 +94,8 @@ async function initialise() {
   for (const key in adapter.limits) limits[key] = adapter.limits[key];
   const features = [...adapter.features].sort();
   await init();
-  await initDevice();
+  // burn requests every adapter feature for its device, so `shader-f16` here is on the device.
+  const computeDtype = await initDevice(precision);
   const report = await selftest(37, 300, 19);
   capabilities = {
     adapter: {
@@ -101,10 +107,10 @@ async function initialise() {
     },
     limits,
     features,
-    // The loader places every float tensor as f32 (docs/WEIGHTS.md); f16 compute needs the
-    // adapter's `shader-f16` and is not used yet.
     shaderF16: features.includes('shader-f16'),
-    computeDtype: 'f32',
+    // What the model computes in, as the device reports it (docs/WEIGHTS.md, "Compute
+    // precision"): weights are placed on the GPU in this dtype.
+    computeDtype,
     selftest: report,
   };
   return capabilities;
@@ -117,17 +123,18 @@ const VOCAB_MATRIX = /^vlm\..*(embed_tokens|lm_head)\.weight$/;
 
 /**
  * Refuses a model this adapter cannot hold, before anything is downloaded. Every float tensor
- * is placed as f32, so its device size is elements × 4; it must fit one storage binding
- * (the vocabulary matrices only block by block).
+ * is placed in the compute dtype (`bytesPerFloat`: 4 for f32, 2 for f16), so its device size is
+ * elements × bytesPerFloat; it must fit one storage binding (the vocabulary matrices only block
+ * by block).
  */
-export function checkFits(manifest, limits) {
+export function checkFits(manifest, limits, bytesPerFloat = 4) {
   const maxBinding = Math.min(limits.maxStorageBufferBindingSize ?? Infinity, limits.maxBufferSize ?? Infinity);
   let largest = { name: null, bytes: 0 };
   let total = 0;
   for (const shard of manifest.shards) {
     for (const t of shard.tensors ?? []) {
       const elements = t.shape.reduce((n, d) => n * d, 1);
-      const bytes = elements * 4;
+      const bytes = elements * bytesPerFloat;
       total += bytes;
       const buffer = VOCAB_MATRIX.test(t.name) ? Math.min(bytes, VOCAB_BLOCK_BYTES) : bytes;
       if (buffer > largest.bytes) largest = { name: t.name, bytes: buffer };
@@ -196,7 +203,7 @@ async function load({ manifestUrl, options = {} }, signal, progress) {
     concurrency: options.concurrency ?? 4,
     cache: options.cache ?? true,
     onManifest: (manifest) => {
-      const fit = checkFits(manifest, { ...caps.limits, ...(options.limits ?? {}) });
+      const fit = checkFits(manifest, { ...caps.limits, ...(options.limits ?? {}) }, caps.computeDtype === 'f16' ? 2 : 4);
       manifestReady.resolve({ manifest, fit });
     },
     onProgress: (p) => {

@@ -42,3 +42,26 @@ test('the page runs burn on WebGPU and its numbers match a CPU reference', { tim
   assert.match(await page.textContent('#selftest-summary'), /self-test passed/);
   assert.equal(session.pageErrors.length, 0, session.pageErrors.join('\n'));
 });
+
+// Compute precision (docs/WEIGHTS.md): 'auto' is f16 exactly where the adapter has shader-f16.
+// Headless Chromium's SwiftShader adapter has none, so this covers the f32 path and the
+// refusal of an explicit f16; the f16 path itself is tested natively (crates/model/tests/precision.rs).
+test('auto precision follows shader-f16, and f16 without it is refused with a clear message', { timeout: 300_000 }, async (t) => {
+  const session = await openPage(t, '/?autoload=0');
+  const { page } = session;
+  await page.waitForFunction(() => ['ok', 'error'].includes(document.body.dataset.state), null, { timeout: 120_000 });
+  const state = await page.evaluate(() => window.unifusion);
+  assert.equal(state.error, null, `page error: ${state.error}`);
+  const hasF16 = state.adapter.features.includes('shader-f16');
+  t.diagnostic(`adapter shader-f16: ${hasF16}; computing in ${state.computeDtype}`);
+  assert.equal(state.adapter.shaderF16, hasF16);
+  assert.equal(state.computeDtype, hasF16 ? 'f16' : 'f32');
+  assert.match(await page.textContent('#selftest-summary'), new RegExp(`computing in ${state.computeDtype}`));
+  if (hasF16) return; // a real GPU: no refusal to see here
+
+  const forced = await openPage(t, '/?autoload=0&precision=f16');
+  await forced.page.waitForFunction(() => ['ok', 'error'].includes(document.body.dataset.state), null, { timeout: 120_000 });
+  const refused = await forced.page.evaluate(() => window.unifusion.error);
+  assert.match(refused ?? '', /cannot compute in f16.*shader-f16.*use f32 or auto/, `got: ${refused}`);
+});
+

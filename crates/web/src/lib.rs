@@ -19,6 +19,7 @@ use std::cell::RefCell;
 use burn::tensor::Device;
 use burn::tensor::wgpu::WgpuBackend;
 use unifusion_kernels::selftest::{self, SelfTestShape};
+use unifusion_model::precision::{Precision, precision_of, set_precision, supports_f16};
 use wasm_bindgen::prelude::*;
 
 thread_local! {
@@ -30,21 +31,36 @@ fn start() {
     console_error_panic_hook::set_once();
 }
 
-/// Initialises burn's WebGPU device once for this page; later calls are no-ops.
+/// Initialises burn's WebGPU device once for this page and sets its compute precision;
+/// returns the precision (`"f32"` or `"f16"`). Later calls are no-ops that return it again.
 ///
+/// `precision`: `"auto"` (or absent) computes in f16 where the adapter has `shader-f16` (burn
+/// requests every adapter feature for its device, so the device has it too) and in f32
+/// elsewhere; `"f16"` is refused on an adapter without `shader-f16`; `"f32"` is always f32.
 /// Call it (and await it) before anything else; do not race two calls.
 #[wasm_bindgen(js_name = initDevice)]
-pub async fn init_device() -> Result<(), JsError> {
-    if DEVICE.with(|d| d.borrow().is_some()) {
-        return Ok(());
+pub async fn init_device(precision: Option<String>) -> Result<String, JsError> {
+    if let Some(device) = DEVICE.with(|d| d.borrow().clone()) {
+        return Ok(precision_of(&device).name().to_owned());
     }
-    let device = Device::wgpu_options()
+    let mut device = Device::wgpu_options()
         .graphics_api(WgpuBackend::WebGpu)
         .init_async()
         .await
         .map_err(|e| JsError::new(&format!("WebGPU initialisation failed: {e}")))?;
+    let precision = match precision.as_deref().unwrap_or("auto") {
+        "auto" => Precision::auto(supports_f16(&device)),
+        "f32" => Precision::F32,
+        "f16" => Precision::F16,
+        other => {
+            return Err(JsError::new(&format!(
+                "precision must be \"auto\", \"f32\" or \"f16\", got {other:?}"
+            )));
+        }
+    };
+    set_precision(&mut device, precision).map_err(|e| JsError::new(&e.to_string()))?;
     DEVICE.with(|d| *d.borrow_mut() = Some(device));
-    Ok(())
+    Ok(precision.name().to_owned())
 }
 
 fn device() -> Result<Device, JsError> {
