@@ -72,6 +72,11 @@ pub struct Args {
     /// LAP or the last tap only (for a model trained with `train --ablation last-layer`).
     #[arg(long, value_enum, default_value_t = crate::generate::Pooling::Lap)]
     pooling: crate::generate::Pooling,
+    /// Also draw a sample grid here (PNG; a `.txt` beside it names each row): the first 6
+    /// held-out prompts (intended scene, then one image per seed) and 4 edits (input,
+    /// intended result, then the outputs).
+    #[arg(long)]
+    grid: Option<PathBuf>,
     /// Also write the tables as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -120,7 +125,7 @@ impl Runner<'_> {
         prompt: &str,
         images: &[Image],
         seed: u64,
-    ) -> Result<unifusion_world::ParsedScene, CliError> {
+    ) -> Result<(unifusion_world::ParsedScene, RgbImage), CliError> {
         let settings = Settings {
             seed,
             ..self.settings.clone()
@@ -142,7 +147,49 @@ impl Runner<'_> {
             output.image.pixels,
         )
         .ok_or_else(|| CliError::Device("the pipeline returned a malformed image".into()))?;
-        parse_image(&img).map_err(|e| CliError::Device(format!("judge: {e}")))
+        let parsed = parse_image(&img).map_err(|e| CliError::Device(format!("judge: {e}")))?;
+        Ok((parsed, img))
+    }
+}
+
+/// Rows of images (all one size) side by side, 2-px grey gaps, and the rows' captions.
+#[derive(Default)]
+struct Grid {
+    rows: Vec<(String, Vec<RgbImage>)>,
+}
+
+impl Grid {
+    fn save(&self, path: &Path) -> Result<(), CliError> {
+        let Some(first) = self.rows.iter().flat_map(|(_, r)| r).next() else {
+            return Ok(());
+        };
+        let (w, h, gap) = (first.width(), first.height(), 2);
+        let cols = self.rows.iter().map(|(_, r)| r.len()).max().unwrap_or(0) as u32;
+        let mut out = RgbImage::from_pixel(
+            cols * (w + gap) + gap,
+            self.rows.len() as u32 * (h + gap) + gap,
+            image::Rgb([96, 96, 96]),
+        );
+        for (y, (_, row)) in self.rows.iter().enumerate() {
+            for (x, img) in row.iter().enumerate() {
+                image::imageops::replace(
+                    &mut out,
+                    img,
+                    i64::from(gap + x as u32 * (w + gap)),
+                    i64::from(gap + y as u32 * (h + gap)),
+                );
+            }
+        }
+        let words = |e: String| CliError::Usage(format!("--grid {}: {e}", path.display()));
+        out.save(path).map_err(|e| words(e.to_string()))?;
+        let captions: String = self
+            .rows
+            .iter()
+            .enumerate()
+            .map(|(i, (c, _))| format!("row {}: {c}\n", i + 1))
+            .collect();
+        std::fs::write(path.with_extension("txt"), captions)
+            .map_err(|e| words(crate::image_io::io_words(&e)))
     }
 }
 
@@ -307,14 +354,23 @@ pub fn run(args: Args) -> Result<(), CliError> {
             .map_err(|e| CliError::Device(e.to_string()))
     };
 
+    let rendered = |scene: &Scene| -> Result<RgbImage, CliError> {
+        render(scene, &render_config).map_err(|e| CliError::Device(e.to_string()))
+    };
+    let mut grid = Grid::default();
     let mut report = serde_json::Map::new();
     if let Some(cases) = cases {
         let mut per_prompt = Vec::new();
         for (prompt, scene) in &cases {
             let mut imgs = Vec::new();
+            let mut row = vec![rendered(scene)?];
             for seed in 0..seeds {
-                let parsed = runner.run(Task::TextToImage, prompt, &[], seed)?;
+                let (parsed, img) = runner.run(Task::TextToImage, prompt, &[], seed)?;
                 imgs.push(score_scene(scene, &parsed));
+                row.push(img);
+            }
+            if grid.rows.len() < 10 {
+                grid.rows.push((format!("text-to-image: {prompt}"), row));
             }
             per_prompt.push(imgs);
         }
@@ -331,11 +387,19 @@ pub fn run(args: Args) -> Result<(), CliError> {
             let mut imgs = Vec::new();
             let mut vars = Vec::new();
             let input = [draw(scene)?];
+            let mut row = vec![rendered(scene)?];
             for seed in 0..seeds {
-                let parsed = runner.run(Task::TextToImage, &prompt, &[], seed)?;
+                let (parsed, img) = runner.run(Task::TextToImage, &prompt, &[], seed)?;
                 imgs.push(score_scene(scene, &parsed));
-                let parsed = runner.run(Task::Variation, "", &input, seed)?;
+                row.push(img);
+                let (parsed, _) = runner.run(Task::Variation, "", &input, seed)?;
                 vars.push(score_scene(scene, &parsed));
+            }
+            if i < 6 {
+                grid.rows.push((
+                    format!("text-to-image (intended, then seeds): {prompt}"),
+                    row,
+                ));
             }
             per_prompt.push(imgs);
             variation.push(vars);
@@ -347,18 +411,29 @@ pub fn run(args: Args) -> Result<(), CliError> {
             let image = [draw(&edit.before)?];
             let second = &scenes[(i + 1) % scenes.len()];
             let transfer = Transfer::sample(scene, second, args.set_seed ^ 0x7A45 ^ i as u64);
+            let mut row = vec![rendered(&edit.before)?, rendered(&edit.after)?];
             for seed in 0..seeds {
-                let parsed = runner.run(Task::Edit, &edit.instructions[0], &image, seed)?;
+                let (parsed, img) = runner.run(Task::Edit, &edit.instructions[0], &image, seed)?;
                 edits.push(score_edit(&edit.before, &edit.after, &parsed));
+                row.push(img);
                 match &transfer {
                     Some(t) => {
                         let images = [draw(&t.first)?, draw(&t.second)?];
-                        let parsed =
+                        let (parsed, _) =
                             runner.run(Task::MultiReference, &t.instructions[0], &images, seed)?;
                         transfers.push(score_edit(&t.second, &t.after, &parsed));
                     }
                     None => runner.bar.inc(1),
                 }
+            }
+            if i < 4 {
+                grid.rows.push((
+                    format!(
+                        "edit (input, intended, then seeds): {}",
+                        edit.instructions[0]
+                    ),
+                    row,
+                ));
             }
         }
         report.insert("t2i".into(), t2i_table(&per_prompt));
@@ -367,6 +442,9 @@ pub fn run(args: Args) -> Result<(), CliError> {
         report.insert("variation".into(), t2i_table(&variation));
     }
     runner.bar.finish_and_clear();
+    if let Some(path) = &args.grid {
+        grid.save(path)?;
+    }
     let report = serde_json::Value::Object(report);
     println!(
         "# unifusion eval: {} (seeds {seeds}, {}×{} px, {} steps, guidance {})",
