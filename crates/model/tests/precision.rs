@@ -332,6 +332,54 @@ fn internvl_forward_in_f16_matches_f32_within_f16_precision() {
     }
 }
 
+/// The int8/int4 Linear under f16: the layer casts its f16 input to f32 for the (f32-only)
+/// kernels and its output back, so the only error is rounding x, the bias and y to f16:
+/// per output `|Δy| ≤ u·(Σ|x·w| + |b| + |y|)`, computed here from the values themselves.
+#[test]
+fn quantized_linear_takes_f16_input_and_computes_in_f32() {
+    use unifusion_kernels::QuantLinear;
+    use unifusion_kernels::selftest::fixture_values;
+    use unifusion_weights::quant::{QuantBits, quantize};
+
+    let Some((d32, d16)) = devices() else { return };
+    let (k, n) = (64, 19);
+    for (bits, m) in [(QuantBits::Q8, 1), (QuantBits::Q4, 37)] {
+        let x = fixture_values(4, m * k);
+        let bias = fixture_values(6, n);
+        let q = quantize(&fixture_values(5, n * k), n, k, bits, 32).expect("quantizes");
+        let mut outs = Vec::new();
+        for device in [&d32, &d16] {
+            let b = Tensor::<1>::from_data(TensorData::new(bias.clone(), [n]), device);
+            let layer = QuantLinear::new(&q, Some(b), device).expect("layer");
+            let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [m, k]), device);
+            let y = layer.forward(xt);
+            assert_eq!(
+                y.dtype(),
+                compute_dtype(device),
+                "output in the input's dtype"
+            );
+            outs.push(values(y));
+        }
+        let w = q.dequantize();
+        for r in 0..m {
+            for j in 0..n {
+                let i = r * n + j;
+                let dot: f32 = (0..k).map(|c| (x[r * k + c] * w[j * k + c]).abs()).sum();
+                let bound = U * (dot + bias[j].abs() + outs[0][i].abs());
+                let d = (outs[1][i] - outs[0][i]).abs();
+                assert!(
+                    d <= bound,
+                    "{bits:?} row {r} col {j}: |f16 − f32| {d} > {bound}"
+                );
+            }
+        }
+        assert!(
+            max_abs_diff(&outs[0], &outs[1]) > 0.0,
+            "f16 run identical to f32"
+        );
+    }
+}
+
 /// F16 is refused, never silently downgraded, where it cannot be had: on a device already
 /// computing in f32 (burn fixes a device's dtype at its first tensor). `auto` falls back.
 #[test]
