@@ -33,9 +33,8 @@ impl Backend {
             // software, converting every element, which is slower than f32 on a CPU.
             PrecisionArg::Auto => Precision::auto(self == Backend::Wgpu && supports_f16(&device)),
         };
-        set_precision(&mut device, precision).map_err(|e| {
-            CliError::Usage(format!("--precision {}: {e}", wanted.name()))
-        })?;
+        set_precision(&mut device, precision)
+            .map_err(|e| CliError::Usage(format!("--precision {}: {e}", wanted.name())))?;
         Ok((device, precision))
     }
 }

@@ -245,9 +245,6 @@ pub fn run_task(
     };
     request.validate().map_err(usage)?;
     let (device, precision) = args.backend.device_with(args.precision)?;
-    if !args.quiet {
-        eprintln!("computing in {precision}");
-    }
     let (mut model, tokenizer) = load_model(&args.model, &device, args.quiet)?;
     if let Some(n) = args.max_rewrite_tokens {
         model.config.max_rewrite_tokens = n;
@@ -293,6 +290,7 @@ pub fn run_task(
             format!("{:?}", settings.conditioning),
         ),
         ("unifusion:taps", format!("{:?}", model.taps())),
+        ("unifusion:precision", precision.to_string()),
         ("unifusion:model", args.model.display().to_string()),
     ];
     if !images_text.is_empty() {

@@ -140,7 +140,11 @@ pub fn run(args: Args) -> Result<(), CliError> {
     let vae = AutoencoderKl::load_decoder(&vcfg, &mut w, &device).map_err(usage)?;
     let (tcfg, mut w): (AutoencoderTinyConfig, _) = load_dir(&dir.join("tiny_vae"))?;
     let tiny = TinyDecoder::load(&tcfg, &mut w, "decoder", &device).map_err(usage)?;
-    let z = to_compute(seeded_noise::<4>(3, [1, 16, VAE_LATENT, VAE_LATENT], &device));
+    let z = to_compute(seeded_noise::<4>(
+        3,
+        [1, 16, VAE_LATENT, VAE_LATENT],
+        &device,
+    ));
     let side = |t: Tensor<4>| t.dims()[2];
     let vae_px = side(vae.decode(z.clone()).map_err(usage)?);
     let tiny_px = side(tiny.decode(z.clone()).map_err(usage)?);
