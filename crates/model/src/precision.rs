@@ -19,6 +19,12 @@
 //! - The timestep embedding: `sin(1000·t·f)` needs f32 arguments (f16 spacing is 0.5 at 1000).
 //! - RoPE tables are built on the host in f64/f32 and stored in the compute dtype (values in
 //!   `[-1, 1]`, f16 spacing ≤ 2⁻¹¹).
+//!
+//! Whether a wgpu device has f16 is burn's `Device::supports_dtype`: cubecl-wgpu 0.11 registers
+//! f16 arithmetic when the *adapter* has `SHADER_F16` and requests every adapter feature for the
+//! devices it creates, so the two agree (browser and native alike). A wgpu device created
+//! outside burn without `SHADER_F16` and handed over with `WgpuOptions::setup` would still be
+//! reported as f16-capable; nothing here does that.
 
 use burn::tensor::{DType, Device, DeviceError, FloatDType, Tensor};
 
