@@ -140,7 +140,7 @@ async function runFromUi(session, button = '#generate', busyShot = null) {
 
 test('load → generate (same image as the native CLI) → reload from the cache (zero shard bytes) → offline', { timeout: 900_000 }, async (t) => {
   const bytes = byteCounter();
-  const session = await openPage(t, '/', { onSent: bytes.onSent });
+  const session = await openPage(t, '/?model=models/tiny/manifest.json', { onSent: bytes.onSent });
   const { page } = session;
   await page.setViewportSize({ width: 1100, height: 1250 });
   await waitForModel(session);
@@ -247,7 +247,7 @@ async function makePng(page, width, height, seed) {
 
 test('edit one uploaded image, combine two (picker, drop, paste), vary one; no image byte leaves the page', { timeout: 900_000 }, async (t) => {
   const server = [];
-  const session = await openPage(t, '/');
+  const session = await openPage(t, '/?model=models/tiny/manifest.json');
   session.server.on('request', (req) => {
     const entry = { method: req.method, url: req.url, bodyBytes: 0 };
     req.on('data', (chunk) => (entry.bodyBytes += chunk.length));

@@ -190,7 +190,7 @@ impl SampleArgs {
     fn check(&self) -> Result<(), CliError> {
         if self.width == Some(0) || self.height == Some(0) {
             return Err(CliError::Usage(
-                "--width/--height: an image needs at least one pixel".into(),
+                "--width/--height: a side of 0 px is empty".into(),
             ));
         }
         if self.steps == Some(0) {

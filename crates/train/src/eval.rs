@@ -8,7 +8,7 @@ use std::path::Path;
 use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 use unifusion_model::load::{UnpackedModel, load_unpacked};
-use unifusion_model::pipeline::{Conditioning, Request, Settings, Task, UniFusion};
+use unifusion_model::pipeline::{Request, Settings, Task, UniFusion};
 use unifusion_model::vlm::processor::VlmTokenizer;
 use unifusion_world::score::{micro_average, score_scene};
 use unifusion_world::{canonical_description, phrase};
@@ -53,20 +53,19 @@ pub fn load_model_dir(
     Ok((loaded.model, loaded.tokenizer))
 }
 
-/// Generates `n` fresh prompts at `size` px with `steps` and `guidance`, judges them, and
-/// writes `samples.png` (rendered target above each generated image) into `out`.
+/// Generates `n` fresh prompts with `base` (size, steps, guidance, VERIFI and pooling; the
+/// seed is the prompt's index), judges them, and writes `samples.png` (rendered target above
+/// each generated image) into `out`.
 pub fn quick_eval(
     model_dir: &Path,
     out: &Path,
     seed: u64,
     n: usize,
-    size: usize,
-    steps: usize,
-    guidance: f32,
-    ablation: (bool, crate::dit::Pooling),
+    base: &Settings,
 ) -> Result<QuickEval, TrainError> {
     let device = Device::flex();
     let (model, tokenizer) = load_model_dir(model_dir, &device)?;
+    let size = base.width;
     let began = std::time::Instant::now();
     let mut scores = Vec::new();
     let mut tiles = Vec::new();
@@ -75,17 +74,8 @@ pub fn quick_eval(
         let target = scene(mix(seed, 0xE7A3), i as u64);
         let prompt = phrase(&target, mix(seed, 0xE7A4 + i as u64)).text;
         let settings = Settings {
-            width: size,
-            height: size,
-            steps,
-            guidance,
             seed: i as u64,
-            verifi: ablation.0,
-            conditioning: match ablation.1 {
-                crate::dit::Pooling::Lap => Conditioning::Lap,
-                crate::dit::Pooling::LastLayer => Conditioning::LastLayer,
-            },
-            ..Settings::default()
+            ..base.clone()
         };
         let request = Request {
             task: Task::TextToImage,

@@ -18,7 +18,9 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use unifusion_model::pipeline::config::SampleDefaults;
-use unifusion_model::pipeline::{PipelineConfig, UniFusionConfig, VaeConfig, every_third_layer};
+use unifusion_model::pipeline::{
+    Conditioning, PipelineConfig, Settings, UniFusionConfig, VaeConfig, every_third_layer,
+};
 use unifusion_model::vlm::{InternVl, Weights};
 
 use crate::dit::{DitStage, DitStageConfig, Frozen};
@@ -385,16 +387,20 @@ fn run_dit(
         &named::safetensors_bytes(&stage.tensors())?,
     )?;
     write_model_dir(out, config)?;
-    let eval = crate::eval::quick_eval(
-        &out.join("model"),
-        dir,
-        config.seed,
-        8,
-        config.vae.image_size as usize,
-        20,
-        3.0,
-        (config.dit.verifi, config.dit.pooling),
-    )?;
+    let size = config.vae.image_size as usize;
+    let settings = Settings {
+        width: size,
+        height: size,
+        steps: 20,
+        guidance: 3.0,
+        verifi: config.dit.verifi,
+        conditioning: match config.dit.pooling {
+            crate::dit::Pooling::Lap => Conditioning::Lap,
+            crate::dit::Pooling::LastLayer => Conditioning::LastLayer,
+        },
+        ..Settings::default()
+    };
+    let eval = crate::eval::quick_eval(&out.join("model"), dir, config.seed, 8, &settings)?;
     let (first, last) = run.curve.first_last_mean(20);
     Ok(Some(StageReport {
         stage: StageName::Dit,
