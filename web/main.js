@@ -9,7 +9,8 @@ import * as weightCache from './weights.js';
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 /** The model the page loads: `?model=<manifest URL>`, else the default one. */
-const MANIFEST = params.get('model') ?? 'models/tiny/manifest.json';
+// The default is the trained demo-world model (docs/TRAINING.md); ?model=<manifest URL> picks another.
+const MANIFEST = params.get('model') ?? 'models/demo/manifest.json';
 
 const state = {
   uf: null,

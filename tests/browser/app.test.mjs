@@ -403,3 +403,42 @@ test('a storage quota too small for the model: it loads uncached, says so, and g
   assert.equal(out.width, REQUEST.width);
   assert.ok(out.distinctColours > 50);
 });
+
+test('the default page serves the trained demo model: its defaults fill the form and it draws what the native CLI draws', { timeout: 900_000 }, async (t) => {
+  const demo = JSON.parse(await readFile(path.join(ROOT, 'models', 'demo', 'manifest.json'), 'utf8'));
+  const defaults = demo.config.pipeline.defaults;
+  const prompt = 'a big red circle in the top left and a small blue square in the bottom right, on a white background';
+  const native = (async () => {
+    const out = await mkdtemp(path.join(tmpdir(), 'unifusion-demo-'));
+    try {
+      const png = path.join(out, 'demo.png');
+      await promisify(execFile)('bash', ['scripts/unifusion.sh', 'generate', '--prompt', prompt, '--seed', '0', '--backend', 'flex', '--quiet', '--out', png],
+        { cwd: ROOT, maxBuffer: 1 << 24 });
+      return await readFile(png);
+    } finally {
+      await rm(out, { recursive: true, force: true });
+    }
+  })();
+  const session = await openPage(t, '/');
+  const { page } = session;
+  await page.setViewportSize({ width: 1100, height: 1250 });
+  await waitForModel(session);
+  const model = await page.evaluate(() => window.unifusion.model);
+  assert.equal(model.id, demo.model.id);
+  assert.deepEqual(model.defaults, defaults);
+  for (const key of ['width', 'height', 'steps', 'guidance']) {
+    assert.equal(Number(await page.inputValue(`#${key}`)), defaults[key], `#${key} starts at the model's default`);
+  }
+  await page.fill('#prompt', prompt);
+  await page.fill('#seed', '0');
+  const result = await runFromUi(session);
+  await shot(page, '6-demo-model');
+  assert.equal(result.width, defaults.width);
+  assert.equal(result.height, defaults.height);
+  const png = await native;
+  const cmp = await compareWithPng(page, png, result.rgba);
+  t.diagnostic(`demo model, browser vs native CLI: mean ${cmp.mean.toFixed(3)}, max ${cmp.max} (of 255); rewrite: ${result.rewrite}`);
+  assert.ok(cmp.mean <= 0.25, `mean |browser − native| = ${cmp.mean.toFixed(3)} (max ${cmp.max})`);
+  assert.ok(cmp.max <= 4, `max |browser − native| = ${cmp.max} (mean ${cmp.mean.toFixed(3)})`);
+  assert.equal(session.pageErrors.length, 0, session.pageErrors.join('\n'));
+});

@@ -42,7 +42,7 @@ use crate::generate::load_model;
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The model (manifest.json or its directory).
-    #[arg(long, default_value = "models/tiny")]
+    #[arg(long, default_value = "models/demo")]
     model: PathBuf,
     /// Seeds per prompt (best-of-N uses all of them).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]

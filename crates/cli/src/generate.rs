@@ -38,8 +38,9 @@ pub enum Pooling {
 /// Flags every generating command takes.
 #[derive(clap::Args, Debug)]
 pub struct SampleArgs {
-    /// Model: a packed manifest.json (or its directory), or an unpacked model directory.
-    #[arg(long)]
+    /// Model: a packed manifest.json (or its directory), or an unpacked model directory
+    /// (default: the trained demo-world model).
+    #[arg(long, default_value = "models/demo")]
     pub model: PathBuf,
     /// Euler steps (default: the model's own, else 28).
     #[arg(long)]
