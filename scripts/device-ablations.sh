@@ -77,16 +77,20 @@ for v in recipe verifi-off last-layer no-edit-data; do
       --dit-steps "$steps" --backend "$backend" --quiet $EXTRA ${flags[$v]} > "$OUT/train-$v.log" 2>&1 || true ) &
 done
 wait
+# Results go back as one archive (the lent machine returns at most 8 files), without weights.
+R="$work/results"
 for v in recipe verifi-off last-layer no-edit-data; do
-  mkdir -p "$OUT/$v"
+  mkdir -p "$R/$v"
   cp "$work/$v/dit/loss.csv" "$work/$v/dit/report.json" "$work/$v/dit/stage.json" \
-     "$work/$v/dit/transformer.safetensors" "$work/$v/dit/samples.png" "$OUT/$v/" 2>/dev/null || true
+     "$work/$v/dit/samples.png" "$R/$v/" 2>/dev/null || true
 done
 for v in recipe verifi-off last-layer no-edit-data; do
   if [ -f "$work/$v/model/config.json" ]; then
     ( RAYON_NUM_THREADS=4 timeout "$EVAL_SECONDS" "$U" eval --model "$work/$v/model" $EVAL_FLAGS ${evalflags[$v]} \
-        --json "$OUT/$v/eval.json" --quiet > "$OUT/$v/eval.txt" 2>&1 || true ) &
+        --json "$R/$v/eval.json" --grid "$R/$v/grid.png" --quiet > "$R/$v/eval.txt" 2>&1 || true ) &
   fi
 done
 wait
-ls -R "$OUT" | head -60
+mv "$OUT"/train-*.log "$OUT"/probe*.log "$R/" 2>/dev/null || true
+tar czf "$OUT/ablations.tgz" -C "$work" results
+ls -la "$OUT"
