@@ -394,7 +394,7 @@ test('a storage quota too small for the model: it loads uncached, says so, and g
   const cdp = await session.context.newCDPSession(page);
   await cdp.send('Storage.overrideQuotaForOrigin', { origin: new URL(session.base).origin, quotaSize: 64 * 1024 });
   await page.setViewportSize({ width: 1100, height: 1000 });
-  await page.goto(new URL('/', session.base).href);
+  await page.goto(new URL(TINY_PAGE, session.base).href);
   await waitForModel(session);
   const model = await page.evaluate(() => window.unifusion.model);
   assert.equal(model.cached, false);
