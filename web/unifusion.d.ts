@@ -168,6 +168,8 @@ export class UniFusion {
   generate(params: GenerateParams, options?: RunOptions): Promise<Generation>;
   edit(params: EditParams, options?: RunOptions): Promise<Generation>;
   variation(params: VariationParams, options?: RunOptions): Promise<Generation>;
+  /** Destroys the worker's WebGPU device, as a driver reset would (for tests of recovery). */
+  loseDevice(): Promise<void>;
   cacheInfo(): Promise<CacheInfo>;
   clearCache(): Promise<void>;
   /** Replaces the worker (and the WebGPU device) and reloads the last model from the cache. */

@@ -210,6 +210,14 @@ export class UniFusion {
     return this.#recovering;
   }
 
+  /**
+   * Destroys the worker's WebGPU device, as a driver reset would (for tests of recovery): the
+   * next call finds the device lost, and the facade recovers as it does from a real loss.
+   */
+  loseDevice() {
+    return this.#call('loseDevice');
+  }
+
   /** What the weight cache holds. */
   cacheInfo() {
     return this.#call('cacheInfo');

@@ -10,7 +10,7 @@
 //                  {id, type: 'result', value} | {id, type: 'error', error: {name, code, message}}
 // Calls run one at a time, in order. burn allows one WebGPU device per JS realm: a lost device
 // means a new worker (the page's facade does that and reloads the model from the cache).
-import init, { initDevice, loadModel, runTask, selftest, unloadModel } from './pkg/unifusion_web.js';
+import init, { initDevice, loadModel, loseDevice, runTask, selftest, unloadModel } from './pkg/unifusion_web.js';
 import { cacheInfo, clearCache, loadWeights } from './weights.js';
 
 /** id → AbortController of the calls not finished yet. */
@@ -39,6 +39,7 @@ async function handle(message, signal) {
     else if (type === 'run') value = await run(message, signal, (s) => emit('step', s));
     else if (type === 'cacheInfo') value = await cacheInfo();
     else if (type === 'clearCache') value = await clearCache();
+    else if (type === 'loseDevice') value = loseDevice();
     else throw new Error(`unknown call ${type}`);
     self.postMessage({ id, type: 'result', value });
   } catch (error) {
@@ -65,7 +66,9 @@ function describe(error, signal) {
   if (/out of memory|OutOfMemory/i.test(message)) {
     return { name: 'Error', code: 'out-of-memory', message: `The GPU ran out of memory (${message}). Try a smaller size or fewer images.` };
   }
-  if (/device (is |was |has been )?lost|DeviceLost|lost the device/i.test(message)) {
+  // A lost device: wgpu's words, or cubecl's after the device's `lost` callback fired
+  // ("The device is poisoned" / "was poisoned during launch").
+  if (/device (is |was |has been )?(lost|poisoned)|DeviceLost|lost the device/i.test(message)) {
     return { name: 'Error', code: 'device-lost', message };
   }
   if (trap) return { name: 'Error', code: 'wasm-trap', message: `The model stopped with an internal error: ${message}` };

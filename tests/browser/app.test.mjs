@@ -364,14 +364,25 @@ test('refuses a model too large for the adapter before downloading it; cancel; r
     uf.onNotice = (n) => notices.push(n);
     await uf.recover();
     const g = await uf.generate(r);
-    return { cold: cold.downloadedBytes, cancelName, reloaded: uf.model, notices, size: [g.image.width, g.image.height] };
+    // A real loss: the device destroyed under the model (as a driver reset would). The next
+    // generate fails inside the worker, the facade sees device-lost, recovers and retries.
+    await uf.loseDevice();
+    const lost = await uf.generate(r);
+    return {
+      cold: cold.downloadedBytes, cancelName, reloaded: uf.model, notices, size: [g.image.width, g.image.height],
+      lostSize: [lost.image.width, lost.image.height], lostData: Array.from(lost.image.data), data: Array.from(g.image.data),
+    };
   });
   assert.ok(out.cold > 0);
   assert.equal(out.cancelName, 'AbortError');
   assert.equal(out.reloaded.downloadedBytes, 0, 'recovery reloads from the cache');
   assert.equal(out.reloaded.fromCache, MANIFEST.shards.length + 1);
-  assert.equal(out.notices.length, 1);
+  assert.equal(out.notices.length, 2, out.notices.join('; '));
+  assert.match(out.notices[1], /device was lost/, 'the real loss was recognised as one');
+  assert.match(out.notices[1], /poisoned/i, "the worker saw cubecl's lost-device error");
   assert.deepEqual(out.size, [32, 32]);
+  assert.deepEqual(out.lostSize, [32, 32]);
+  assert.deepEqual(out.lostData, out.data, 'after the loss, the same request gives the same image');
 });
 
 test('without WebGPU the page says so plainly and loads nothing', { timeout: 120_000 }, async (t) => {

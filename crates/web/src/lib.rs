@@ -24,6 +24,8 @@ use wasm_bindgen::prelude::*;
 
 thread_local! {
     static DEVICE: RefCell<Option<Device>> = const { RefCell::new(None) };
+    /// burn's wgpu device handle, kept so a test can destroy it ([`lose_device`]).
+    static WGPU_DEVICE: RefCell<Option<burn::tensor::wgpu::wgpu::Device>> = const { RefCell::new(None) };
 }
 
 #[wasm_bindgen(start)]
@@ -43,11 +45,12 @@ pub async fn init_device(precision: Option<String>) -> Result<String, JsError> {
     if let Some(device) = DEVICE.with(|d| d.borrow().clone()) {
         return Ok(precision_of(&device).name().to_owned());
     }
-    let mut device = Device::wgpu_options()
+    let (mut device, setup) = Device::wgpu_options()
         .graphics_api(WgpuBackend::WebGpu)
-        .init_async()
+        .init_with_setup_async()
         .await
         .map_err(|e| JsError::new(&format!("WebGPU initialisation failed: {e}")))?;
+    WGPU_DEVICE.with(|d| *d.borrow_mut() = Some(setup.device));
     let precision = match precision.as_deref().unwrap_or("auto") {
         "auto" => Precision::auto(supports_f16(&device)),
         "f32" => Precision::F32,
@@ -61,6 +64,21 @@ pub async fn init_device(precision: Option<String>) -> Result<String, JsError> {
     set_precision(&mut device, precision).map_err(|e| JsError::new(&e.to_string()))?;
     DEVICE.with(|d| *d.borrow_mut() = Some(device));
     Ok(precision.name().to_owned())
+}
+
+/// Destroys the WebGPU device, as a driver reset or a GPU that went away would: the device's
+/// `lost` callback fires (cubecl marks the device poisoned), and the next task fails with
+/// "The device is poisoned", which the worker reports as `device-lost`. For tests of the
+/// page's recovery; a page never calls it.
+#[wasm_bindgen(js_name = loseDevice)]
+pub fn lose_device() -> Result<(), JsError> {
+    WGPU_DEVICE.with(|d| match d.borrow().as_ref() {
+        Some(device) => {
+            device.destroy();
+            Ok(())
+        }
+        None => Err(JsError::new("call initDevice() first")),
+    })
 }
 
 fn device() -> Result<Device, JsError> {
