@@ -348,15 +348,11 @@ pub fn run(args: Args) -> Result<(), CliError> {
         bar,
     };
     let render_config = RenderConfig::with_size(size as u32);
-    let draw = |scene: &Scene| -> Result<Image, CliError> {
-        render(scene, &render_config)
-            .map(|img| to_image(&img))
-            .map_err(|e| CliError::Device(e.to_string()))
-    };
-
     let rendered = |scene: &Scene| -> Result<RgbImage, CliError> {
         render(scene, &render_config).map_err(|e| CliError::Device(e.to_string()))
     };
+    let draw =
+        |scene: &Scene| -> Result<Image, CliError> { rendered(scene).map(|img| to_image(&img)) };
     let mut grid = Grid::default();
     let mut report = serde_json::Map::new();
     if let Some(cases) = cases {

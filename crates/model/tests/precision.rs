@@ -294,16 +294,15 @@ fn internvl_forward_in_f16_matches_f32_within_f16_precision() {
             .map(|r| r.iter().map(|&x| x as u32).collect())
             .collect()
     };
+    let config = InternVlConfig::from_json(
+        &std::fs::read_to_string(dir.join("config.json")).expect("config"),
+    )
+    .expect("config parses");
+    let bytes = std::fs::read(dir.join("model.safetensors")).expect("weights");
     let mut runs = Vec::new();
     for device in [&d32, &d16] {
-        let config = InternVlConfig::from_json(
-            &std::fs::read_to_string(dir.join("config.json")).expect("config"),
-        )
-        .expect("config parses");
         let mut weights = Weights::new();
-        weights
-            .add_safetensors(&std::fs::read(dir.join("model.safetensors")).expect("weights"))
-            .expect("weights parse");
+        weights.add_safetensors(&bytes).expect("weights parse");
         let model = InternVl::load(&config, &mut weights, device).expect("model loads");
         let pixels = input::<4>(&io, "tiles1.pixel_values", device, compute_dtype(device));
         let n = model.num_layers();
