@@ -9,7 +9,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use unifusion_world::sampler::{all_color_shape_pairs, all_shape_cell_pairs, split_pairs};
 use unifusion_world::{
-    Edit, HeldOut, RenderConfig, Sampler, SamplerConfig, Scene, Transfer, canonical_description,
+    Edit, HeldOut, RenderConfig, Sampler, SamplerConfig, Scene, Transfer, canonical_description, description_in_order,
     phrase,
 };
 
@@ -58,6 +58,26 @@ pub fn image_values(scene: &Scene, size: u32) -> Result<Vec<f32>, TrainError> {
     Ok(rgb_to_planar(img.as_raw(), size as usize))
 }
 
+/// Which `token × token`-pixel squares of `scene`'s image (row-major) hold any object pixel,
+/// i.e. any pixel that is not the background colour.
+pub fn foreground_squares(scene: &Scene, size: u32, token: u32) -> Result<Vec<bool>, TrainError> {
+    if token == 0 || size % token != 0 {
+        return Err(TrainError::Model(format!(
+            "a {size}-px image does not split into {token}-px squares"
+        )));
+    }
+    let img = unifusion_world::render(scene, &RenderConfig::with_size(size))?;
+    let bg = scene.background().rgb();
+    let n = (size / token) as usize;
+    let mut squares = vec![false; n * n];
+    for (x, y, px) in img.enumerate_pixels() {
+        if px.0 != bg {
+            squares[(y / token) as usize * n + (x / token) as usize] = true;
+        }
+    }
+    Ok(squares)
+}
+
 /// RGB8 row-major → `[3][h][w]` in [−1, 1].
 pub fn rgb_to_planar(rgb: &[u8], size: usize) -> Vec<f32> {
     let mut out = vec![0.0; 3 * size * size];
@@ -104,12 +124,20 @@ pub struct Sample {
     pub prompt: String,
     /// The scene the answer describes (and the DiT draws).
     pub target: Scene,
+    /// The answer's object order (indices into the target's objects): the order the user's
+    /// text mentions them for a rewrite, reading order (empty) otherwise.
+    pub order: Vec<usize>,
 }
 
 impl Sample {
-    /// The canonical description of the target (the VERIFI rewrite target).
+    /// The VERIFI rewrite target: the target's canonical description, its objects in the
+    /// order of [`Sample::order`].
     pub fn answer(&self) -> String {
-        canonical_description(&self.target)
+        if self.order.is_empty() {
+            canonical_description(&self.target)
+        } else {
+            description_in_order(&self.target, &self.order)
+        }
     }
 }
 
@@ -152,13 +180,18 @@ pub fn sample(seed: u64, index: u64, mix_of: &TaskMix) -> Sample {
             inputs: vec![base.clone()],
             prompt: String::new(),
             target: base,
+            order: Vec::new(),
         },
-        TextTask::Rewrite => Sample {
-            task,
-            inputs: Vec::new(),
-            prompt: phrase(&base, mix(s, 1)).text,
-            target: base,
-        },
+        TextTask::Rewrite => {
+            let p = phrase(&base, mix(s, 1));
+            Sample {
+                task,
+                inputs: Vec::new(),
+                order: p.mentions.iter().map(|m| m.object).collect(),
+                prompt: p.text,
+                target: base,
+            }
+        }
         TextTask::Edit => {
             // An edit may create a held-out pair (add, recolour, move): draw another.
             let held = held_out();
@@ -171,6 +204,7 @@ pub fn sample(seed: u64, index: u64, mix_of: &TaskMix) -> Sample {
                 inputs: vec![base],
                 prompt: edit.instruction(mix(s, 3)).to_string(),
                 target: edit.after,
+                order: Vec::new(),
             }
         }
         TextTask::Transfer => {
@@ -185,6 +219,7 @@ pub fn sample(seed: u64, index: u64, mix_of: &TaskMix) -> Sample {
                         inputs: vec![t.first.clone(), t.second.clone()],
                         prompt: t.instructions[i].clone(),
                         target: t.after,
+                        order: Vec::new(),
                     };
                 }
             }
@@ -193,6 +228,7 @@ pub fn sample(seed: u64, index: u64, mix_of: &TaskMix) -> Sample {
                 inputs: vec![base.clone()],
                 prompt: String::new(),
                 target: base,
+                order: Vec::new(),
             }
         }
     }
@@ -232,6 +268,24 @@ pub fn text_corpus(seed: u64, n: u64) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn foreground_squares_mark_exactly_the_object_squares() {
+        // One large circle in the top-left cell of a 64-px image (cells are ~21 px).
+        let scene = Scene::from_json(
+            r#"{"background":"white","objects":[
+                {"shape":"circle","color":"red","size":"large","cell":[0,0]}]}"#,
+        )
+        .expect("valid");
+        let fg = foreground_squares(&scene, 64, 8).expect("splits");
+        assert_eq!(fg.len(), 64);
+        let marked: Vec<usize> = (0..64).filter(|&i| fg[i]).collect();
+        // The circle sits inside the first 3 × 3 squares (24 px) and covers their middle.
+        assert!(marked.iter().all(|&i| i / 8 < 3 && i % 8 < 3), "{marked:?}");
+        assert!(fg[8 + 1], "the square at the circle's centre");
+        assert!(marked.len() >= 4, "{marked:?}");
+        assert!(foreground_squares(&scene, 64, 7).is_err());
+    }
 
     #[test]
     fn samples_are_deterministic_and_avoid_held_out_pairs() {

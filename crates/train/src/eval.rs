@@ -11,7 +11,7 @@ use unifusion_model::load::{UnpackedModel, load_unpacked};
 use unifusion_model::pipeline::{Request, Settings, Task, UniFusion};
 use unifusion_model::vlm::processor::VlmTokenizer;
 use unifusion_world::score::{micro_average, score_scene};
-use unifusion_world::{canonical_description, phrase};
+use unifusion_world::phrase;
 
 use crate::TrainError;
 use crate::data::{mix, scene};
@@ -72,7 +72,8 @@ pub fn quick_eval(
     let mut exact = 0;
     for i in 0..n {
         let target = scene(mix(seed, 0xE7A3), i as u64);
-        let prompt = phrase(&target, mix(seed, 0xE7A4 + i as u64)).text;
+        let phrasing = phrase(&target, mix(seed, 0xE7A4 + i as u64));
+        let prompt = phrasing.text.clone();
         let settings = Settings {
             seed: i as u64,
             ..base.clone()
@@ -86,7 +87,7 @@ pub fn quick_eval(
             std::ops::ControlFlow::Continue(())
         }))
         .map_err(|e| TrainError::Model(e.to_string()))?;
-        if output.rewrite.trim() == canonical_description(&target) {
+        if output.rewrite.trim() == phrasing.rewrite_target(&target) {
             exact += 1;
         }
         let img = image::RgbImage::from_raw(size as u32, size as u32, output.image.pixels)

@@ -80,7 +80,7 @@ impl VlmStageConfig {
             image_size: 64,
             batch: 16,
             optim: OptimConfig {
-                steps: 1200,
+                steps: 1600,
                 lr: 2e-3,
                 warmup: 100,
                 final_lr_fraction: 0.05,
@@ -89,9 +89,9 @@ impl VlmStageConfig {
             },
             mix: TaskMix {
                 caption: 1.0,
-                rewrite: 2.0,
+                rewrite: 3.0,
                 edit: 1.0,
-                transfer: 0.5,
+                transfer: 0.25,
             },
         }
     }
