@@ -31,8 +31,9 @@ use unifusion_model::pipeline::{Conditioning, Image, Request, Settings, Task, Un
 use unifusion_model::vlm::processor::VlmTokenizer;
 use unifusion_world::score::{best_of_n, category_means, macro_average, micro_average};
 use unifusion_world::{
-    Category, Edit, HeldOut, ImageScore, RenderConfig, Sampler, SamplerConfig, Scene, Tally,
-    Transfer, parse_image, phrase, render, score_edit, score_scene,
+    Background, Category, Edit, HeldOut, ImageScore, RenderConfig, Sampler, SamplerConfig, Scene,
+    Tally, Transfer, parse_image, phrase, read_description, render, score_edit, score_objects,
+    score_scene,
 };
 
 use crate::CliError;
@@ -119,13 +120,7 @@ struct Runner<'a> {
 }
 
 impl Runner<'_> {
-    fn run(
-        &self,
-        task: Task,
-        prompt: &str,
-        images: &[Image],
-        seed: u64,
-    ) -> Result<(unifusion_world::ParsedScene, RgbImage), CliError> {
+    fn run(&self, task: Task, prompt: &str, images: &[Image], seed: u64) -> Result<Run, CliError> {
         let settings = Settings {
             seed,
             ..self.settings.clone()
@@ -148,7 +143,62 @@ impl Runner<'_> {
         )
         .ok_or_else(|| CliError::Device("the pipeline returned a malformed image".into()))?;
         let parsed = parse_image(&img).map_err(|e| CliError::Device(format!("judge: {e}")))?;
-        Ok((parsed, img))
+        Ok(Run {
+            parsed,
+            img,
+            rewrite: output.rewrite,
+        })
+    }
+}
+
+/// One pipeline run, read back.
+struct Run {
+    parsed: unifusion_world::ParsedScene,
+    img: RgbImage,
+    /// The VLM's VERIFI rewrite (empty without VERIFI).
+    rewrite: String,
+}
+
+/// The VERIFI rewrites of the t2i prompts, read back as scenes and scored like images: how
+/// much of each prompt's facts the VLM handed the DiT (the DiT cannot draw what the rewrite
+/// lost). A rewrite with no readable background sentence fails every question.
+#[derive(Default)]
+struct RewriteScores {
+    scores: Vec<ImageScore>,
+    exact: usize,
+}
+
+impl RewriteScores {
+    fn add(&mut self, intended: &Scene, rewrite: &str) {
+        let (background, found) = read_description(rewrite).unwrap_or_else(|| {
+            let wrong = Background::ALL
+                .iter()
+                .copied()
+                .find(|&b| b != intended.background());
+            (wrong.unwrap_or(intended.background()), Vec::new())
+        });
+        let mut sorted = found.clone();
+        sorted.sort_by_key(|o| o.cell.index());
+        if Scene::new(background, sorted).is_ok_and(|s| &s == intended) {
+            self.exact += 1;
+        }
+        self.scores
+            .push(score_objects(intended, background, &found));
+    }
+
+    fn table(&self) -> serde_json::Value {
+        let per_category: BTreeMap<String, f64> = Category::ALL
+            .iter()
+            .zip(category_means(&self.scores))
+            .map(|(c, m)| (format!("{c:?}").to_lowercase(), m))
+            .collect();
+        json!({
+            "prompts": self.scores.len(),
+            "exact": self.exact as f64 / self.scores.len().max(1) as f64,
+            "micro_avg": micro_average(&self.scores),
+            "macro_avg": macro_average(&self.scores),
+            "per_category": per_category,
+        })
     }
 }
 
@@ -355,15 +405,20 @@ pub fn run(args: Args) -> Result<(), CliError> {
         |scene: &Scene| -> Result<Image, CliError> { rendered(scene).map(|img| to_image(&img)) };
     let mut grid = Grid::default();
     let mut report = serde_json::Map::new();
+    let verifi = !args.no_verifi;
+    let mut rewrites = RewriteScores::default();
     if let Some(cases) = cases {
         let mut per_prompt = Vec::new();
         for (prompt, scene) in &cases {
             let mut imgs = Vec::new();
             let mut row = vec![rendered(scene)?];
             for seed in 0..seeds {
-                let (parsed, img) = runner.run(Task::TextToImage, prompt, &[], seed)?;
-                imgs.push(score_scene(scene, &parsed));
-                row.push(img);
+                let run = runner.run(Task::TextToImage, prompt, &[], seed)?;
+                imgs.push(score_scene(scene, &run.parsed));
+                row.push(run.img);
+                if seed == 0 && verifi {
+                    rewrites.add(scene, &run.rewrite);
+                }
             }
             if grid.rows.len() < 10 {
                 grid.rows.push((format!("text-to-image: {prompt}"), row));
@@ -385,11 +440,14 @@ pub fn run(args: Args) -> Result<(), CliError> {
             let input = [draw(scene)?];
             let mut row = vec![rendered(scene)?];
             for seed in 0..seeds {
-                let (parsed, img) = runner.run(Task::TextToImage, &prompt, &[], seed)?;
-                imgs.push(score_scene(scene, &parsed));
-                row.push(img);
-                let (parsed, _) = runner.run(Task::Variation, "", &input, seed)?;
-                vars.push(score_scene(scene, &parsed));
+                let run = runner.run(Task::TextToImage, &prompt, &[], seed)?;
+                imgs.push(score_scene(scene, &run.parsed));
+                row.push(run.img);
+                if seed == 0 && verifi {
+                    rewrites.add(scene, &run.rewrite);
+                }
+                let run = runner.run(Task::Variation, "", &input, seed)?;
+                vars.push(score_scene(scene, &run.parsed));
             }
             if i < 6 {
                 grid.rows.push((
@@ -409,15 +467,15 @@ pub fn run(args: Args) -> Result<(), CliError> {
             let transfer = Transfer::sample(scene, second, args.set_seed ^ 0x7A45 ^ i as u64);
             let mut row = vec![rendered(&edit.before)?, rendered(&edit.after)?];
             for seed in 0..seeds {
-                let (parsed, img) = runner.run(Task::Edit, &edit.instructions[0], &image, seed)?;
-                edits.push(score_edit(&edit.before, &edit.after, &parsed));
-                row.push(img);
+                let run = runner.run(Task::Edit, &edit.instructions[0], &image, seed)?;
+                edits.push(score_edit(&edit.before, &edit.after, &run.parsed));
+                row.push(run.img);
                 match &transfer {
                     Some(t) => {
                         let images = [draw(&t.first)?, draw(&t.second)?];
-                        let (parsed, _) =
+                        let run =
                             runner.run(Task::MultiReference, &t.instructions[0], &images, seed)?;
-                        transfers.push(score_edit(&t.second, &t.after, &parsed));
+                        transfers.push(score_edit(&t.second, &t.after, &run.parsed));
                     }
                     None => runner.bar.inc(1),
                 }
@@ -437,6 +495,9 @@ pub fn run(args: Args) -> Result<(), CliError> {
         report.insert("multi_reference".into(), edit_table(&transfers));
         report.insert("variation".into(), t2i_table(&variation));
     }
+    if verifi && let Some(t2i) = report.get_mut("t2i").and_then(|t| t.as_object_mut()) {
+        t2i.insert("rewrite".into(), rewrites.table());
+    }
     runner.bar.finish_and_clear();
     if let Some(path) = &args.grid {
         grid.save(path)?;
@@ -451,6 +512,17 @@ pub fn run(args: Args) -> Result<(), CliError> {
         guidance
     );
     print_t2i("Text-to-image", &report["t2i"]);
+    if let Some(r) = report["t2i"].get("rewrite") {
+        let f = |k: &str| r.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+        println!(
+            "\nVERIFI rewrites read back as scenes ({} prompts): micro {:.3}, macro {:.3}, \
+             exact {:.3}",
+            r["prompts"],
+            f("micro_avg"),
+            f("macro_avg"),
+            f("exact")
+        );
+    }
     if report.get("edit").is_some() {
         print_edit("Edit", &report["edit"]);
         print_edit("Multi-reference (zero-shot)", &report["multi_reference"]);

@@ -9,8 +9,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use unifusion_world::sampler::{all_color_shape_pairs, all_shape_cell_pairs, split_pairs};
 use unifusion_world::{
-    Edit, HeldOut, RenderConfig, Sampler, SamplerConfig, Scene, Transfer, canonical_description, description_in_order,
-    phrase,
+    Edit, HeldOut, RenderConfig, Sampler, SamplerConfig, Scene, Transfer, canonical_description,
+    description_in_order, phrase,
 };
 
 use crate::TrainError;

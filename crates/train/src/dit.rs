@@ -462,10 +462,13 @@ impl DitStage {
                     fg.len()
                 )));
             }
-            weights.extend(
-                fg.into_iter()
-                    .map(|f| if f { 1.0 + self.config.foreground_weight } else { 1.0 }),
-            );
+            weights.extend(fg.into_iter().map(|f| {
+                if f {
+                    1.0 + self.config.foreground_weight
+                } else {
+                    1.0
+                }
+            }));
         }
         let total: f32 = weights.iter().sum();
         let w = Tensor::<3>::from_data(TensorData::new(weights, [b, tokens, 1]), &self.device);

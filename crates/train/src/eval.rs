@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use unifusion_model::load::{UnpackedModel, load_unpacked};
 use unifusion_model::pipeline::{Request, Settings, Task, UniFusion};
 use unifusion_model::vlm::processor::VlmTokenizer;
-use unifusion_world::score::{micro_average, score_scene};
 use unifusion_world::phrase;
+use unifusion_world::score::{micro_average, score_scene};
 
 use crate::TrainError;
 use crate::data::{mix, scene};

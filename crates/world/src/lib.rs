@@ -45,8 +45,8 @@ pub use judge::{ParsedObject, ParsedScene, parse_image};
 pub use render::{RenderConfig, render};
 pub use sampler::{HeldOut, Sampler, SamplerConfig};
 pub use scene::{Background, Cell, Color, Object, Scene, Shape, Size};
-pub use score::{Category, EditScore, ImageScore, Tally, score_edit, score_scene};
-pub use text::{Phrasing, canonical_description, description_in_order, phrase};
+pub use score::{Category, EditScore, ImageScore, Tally, score_edit, score_objects, score_scene};
+pub use text::{Phrasing, canonical_description, description_in_order, phrase, read_description};
 
 /// Everything that can go wrong in the demo world.
 #[derive(Debug, thiserror::Error)]

@@ -82,6 +82,35 @@ pub fn description_in_order(scene: &Scene, order: &[usize]) -> String {
     text
 }
 
+/// Reads text in the canonical form back (the judge for a VLM's rewrite): the background of
+/// "A … background with …." and every "In the <cell>: a <size> <colour> <shape>." sentence,
+/// in any order. Other sentences and unreadable ones are skipped, so a half-right rewrite
+/// scores what it got right; `None` when there is no readable background sentence.
+pub fn read_description(text: &str) -> Option<(Background, Vec<Object>)> {
+    let mut background = None;
+    let mut objects = Vec::new();
+    for sentence in text.split('.').map(str::trim) {
+        if let Some(rest) = sentence.strip_prefix("A ")
+            && let Some((bg, _)) = rest.split_once(" background")
+        {
+            background = background.or(bg.parse::<Background>().ok());
+        } else if let Some(rest) = sentence.strip_prefix("In the ")
+            && let Some((cell, noun)) = rest.split_once(": a ")
+            && let Some(cell) = Cell::all().find(|c| c.name() == cell)
+            && let [size, color, shape] = noun.split_whitespace().collect::<Vec<_>>()[..]
+            && let (Ok(size), Ok(color), Ok(shape)) = (size.parse(), color.parse(), shape.parse())
+        {
+            objects.push(Object {
+                shape,
+                color,
+                size,
+                cell,
+            });
+        }
+    }
+    background.map(|b| (b, objects))
+}
+
 fn capitalise(s: &str) -> String {
     let mut chars = s.chars();
     match chars.next() {
@@ -504,9 +533,30 @@ mod tests {
             "A gray background with two objects. In the center: a small blue star. \
              In the top left: a large red circle."
         );
+        // Read back, in either order.
+        for text in [
+            canonical_description(&scene),
+            description_in_order(&scene, &[1, 0]),
+        ] {
+            let (bg, mut objects) = read_description(&text).expect("reads");
+            objects.sort_by_key(|o| o.cell.index());
+            assert_eq!(Scene::new(bg, objects).expect("valid"), scene);
+        }
+        // Unreadable sentences are skipped; no background sentence, no reading.
+        let (bg, objects) = read_description(
+            "A gray background with two objects. In the top left: a huge red \
+                 circle. In the center: a small blue star. In the centre: a small blue star",
+        )
+        .expect("reads");
+        assert_eq!((bg, objects.len()), (Background::Gray, 1));
+        assert_eq!(read_description("In the center: a small blue star."), None);
+        assert_eq!(read_description(""), None);
         // Not a permutation: reading order.
         for bad in [&[0][..], &[0, 0], &[1, 2], &[]] {
-            assert_eq!(description_in_order(&scene, bad), canonical_description(&scene));
+            assert_eq!(
+                description_in_order(&scene, bad),
+                canonical_description(&scene)
+            );
         }
     }
 
