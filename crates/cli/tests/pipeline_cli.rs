@@ -396,8 +396,15 @@ fn eval_scores_held_out_prompts_and_own_cases() {
         report["t2i"]["per_category"].as_object().map(|c| c.len()),
         Some(5)
     );
+    // One VERIFI rewrite per prompt, read back and scored; the random model's is gibberish.
+    let rewrite = &report["t2i"]["rewrite"];
+    assert_eq!(rewrite["prompts"], 2, "{rewrite}");
+    assert_eq!(rewrite["exact"].as_f64(), Some(0.0), "{rewrite}");
+    let micro = rewrite["micro_avg"].as_f64().expect("a number");
+    assert!((0.0..=1.0).contains(&micro), "{rewrite}");
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("| micro avg |"), "{stdout}");
+    assert!(stdout.contains("VERIFI rewrites read back"), "{stdout}");
 
     // Own cases; a bad line is named.
     let cases = dir.join("cases.jsonl");
@@ -424,6 +431,7 @@ fn eval_scores_held_out_prompts_and_own_cases() {
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&json).expect("json")).expect("parses");
     assert_eq!(report["t2i"]["images"], 2);
+    assert_eq!(report["t2i"]["rewrite"]["prompts"], 2);
     assert!(report.get("edit").is_none());
     std::fs::write(
         &cases,
