@@ -61,7 +61,7 @@ pub fn image_values(scene: &Scene, size: u32) -> Result<Vec<f32>, TrainError> {
 /// Which `token × token`-pixel squares of `scene`'s image (row-major) hold any object pixel,
 /// i.e. any pixel that is not the background colour.
 pub fn foreground_squares(scene: &Scene, size: u32, token: u32) -> Result<Vec<bool>, TrainError> {
-    if token == 0 || size % token != 0 {
+    if token == 0 || !size.is_multiple_of(token) {
         return Err(TrainError::Model(format!(
             "a {size}-px image does not split into {token}-px squares"
         )));
