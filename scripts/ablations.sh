@@ -9,7 +9,8 @@
 #
 # Writes OUT_DIR/<variant>/ (a run directory: dit/, model/), OUT_DIR/<variant>.json and
 # OUT_DIR/<variant>.txt (eval), OUT_DIR/recipe.json (the run's own model). Variants default
-# to verifi-off last-layer no-edit-data. A finished variant (its eval JSON exists) is skipped.
+# to verifi-off last-layer no-edit-data (the table); plain-loss (no foreground
+# weighting) is a fourth, asked for by name. A finished variant (its eval JSON exists) is skipped.
 set -euo pipefail
 if [ $# -lt 2 ]; then
   echo "usage: $0 RUN_DIR OUT_DIR [VARIANT...]" >&2
@@ -43,8 +44,8 @@ if [ ! -f "$out/recipe.json" ]; then
 fi
 for v in "${variants[@]}"; do
   case $v in
-    verifi-off | last-layer | no-edit-data) ;;
-    *) echo "ablations: unknown variant $v (verifi-off, last-layer, no-edit-data)" >&2; exit 2 ;;
+    verifi-off | last-layer | no-edit-data | plain-loss) ;;
+    *) echo "ablations: unknown variant $v (verifi-off, last-layer, no-edit-data, plain-loss)" >&2; exit 2 ;;
   esac
   [ -f "$out/$v.json" ] && { echo "ablations: $v done, skipped"; continue; }
   dir="$out/$v"

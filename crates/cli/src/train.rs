@@ -54,7 +54,8 @@ pub struct Args {
     pub dit_steps: Option<usize>,
     /// Train the DiT as an ablation of the recipe (repeatable; its directory records it):
     /// `verifi-off` (condition on the user's tokens, not the rewrite), `last-layer` (last tap
-    /// only, LAP skipped), `no-edit-data` (text-to-image and reconstruction only).
+    /// only, LAP skipped), `no-edit-data` (text-to-image and reconstruction only),
+    /// `plain-loss` (unweighted flow-matching MSE: no extra weight on object tokens).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub ablation: Vec<Ablation>,
     /// Stop (checkpointed, resumable) after the first step past this many minutes.
@@ -74,6 +75,8 @@ pub enum Ablation {
     LastLayer,
     /// No edit or transfer samples: text-to-image and reconstruction only.
     NoEditData,
+    /// Plain flow-matching MSE: object tokens weigh as much as background ones.
+    PlainLoss,
 }
 
 fn stage_name(s: StageArg) -> StageName {
@@ -124,6 +127,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
                 config.dit.mix.edit = 0.0;
                 config.dit.mix.transfer = 0.0;
             }
+            Ablation::PlainLoss => config.dit.foreground_weight = 0.0,
         }
     }
     let stages: Vec<StageName> = if args.stages.is_empty() {
