@@ -9,7 +9,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use unifusion_world::sampler::{all_color_shape_pairs, all_shape_cell_pairs, split_pairs};
 use unifusion_world::{
-    Edit, HeldOut, RenderConfig, Sampler, SamplerConfig, Scene, Transfer, canonical_description,
+    Background, Edit, HeldOut, RenderConfig, Sampler, SamplerConfig, Scene, Transfer,
     description_in_order, phrase,
 };
 
@@ -58,16 +58,21 @@ pub fn image_values(scene: &Scene, size: u32) -> Result<Vec<f32>, TrainError> {
     Ok(rgb_to_planar(img.as_raw(), size as usize))
 }
 
-/// Which `token × token`-pixel squares of `scene`'s image (row-major) hold any object pixel,
-/// i.e. any pixel that is not the background colour.
-pub fn foreground_squares(scene: &Scene, size: u32, token: u32) -> Result<Vec<bool>, TrainError> {
-    if token == 0 || !size.is_multiple_of(token) {
+/// Which `token × token`-pixel squares of a rendered square image (row-major) hold any
+/// object pixel, i.e. any pixel that is not the `background` colour.
+pub fn foreground_squares(
+    img: &image::RgbImage,
+    background: Background,
+    token: u32,
+) -> Result<Vec<bool>, TrainError> {
+    let size = img.width();
+    if token == 0 || !size.is_multiple_of(token) || img.height() != size {
         return Err(TrainError::Model(format!(
-            "a {size}-px image does not split into {token}-px squares"
+            "a {size}×{}-px image does not split into {token}-px squares",
+            img.height()
         )));
     }
-    let img = unifusion_world::render(scene, &RenderConfig::with_size(size))?;
-    let bg = scene.background().rgb();
+    let bg = background.rgb();
     let n = (size / token) as usize;
     let mut squares = vec![false; n * n];
     for (x, y, px) in img.enumerate_pixels() {
@@ -131,13 +136,9 @@ pub struct Sample {
 
 impl Sample {
     /// The VERIFI rewrite target: the target's canonical description, its objects in the
-    /// order of [`Sample::order`].
+    /// order of [`Sample::order`] (reading order when it is empty).
     pub fn answer(&self) -> String {
-        if self.order.is_empty() {
-            canonical_description(&self.target)
-        } else {
-            description_in_order(&self.target, &self.order)
-        }
+        description_in_order(&self.target, &self.order)
     }
 }
 
@@ -277,14 +278,15 @@ mod tests {
                 {"shape":"circle","color":"red","size":"large","cell":[0,0]}]}"#,
         )
         .expect("valid");
-        let fg = foreground_squares(&scene, 64, 8).expect("splits");
+        let img = unifusion_world::render(&scene, &RenderConfig::with_size(64)).expect("renders");
+        let fg = foreground_squares(&img, scene.background(), 8).expect("splits");
         assert_eq!(fg.len(), 64);
         let marked: Vec<usize> = (0..64).filter(|&i| fg[i]).collect();
         // The circle sits inside the first 3 × 3 squares (24 px) and covers their middle.
         assert!(marked.iter().all(|&i| i / 8 < 3 && i % 8 < 3), "{marked:?}");
         assert!(fg[8 + 1], "the square at the circle's centre");
         assert!(marked.len() >= 4, "{marked:?}");
-        assert!(foreground_squares(&scene, 64, 7).is_err());
+        assert!(foreground_squares(&img, scene.background(), 7).is_err());
     }
 
     #[test]

@@ -31,12 +31,13 @@ use unifusion_model::pipeline::config::VERIFI_SYSTEM_PROMPT;
 use unifusion_model::pipeline::verifi::chat_tokens;
 use unifusion_model::vlm::processor::VlmTokenizer;
 use unifusion_model::vlm::{GenerateOptions, InternVl, InternVlConfig};
+use unifusion_world::{RenderConfig, render};
 
 use crate::data::{Sample, TaskMix, foreground_squares, mix, sample};
 use crate::named::{Init, NamedParams, NamedTensors, Recorder, read_safetensors};
 use crate::tokenizer::IM_END;
 use crate::trainer::{OptimConfig, Stage, Trainable};
-use crate::vae::image_batch_of;
+use crate::vae::rendered_batch;
 use crate::vlm::{VlmBatch, forward_shared_prefix, make_batch};
 use crate::{Backend, TrainError};
 
@@ -411,8 +412,13 @@ impl DitStage {
         let mask = Tensor::<2, Bool>::from_data(TensorData::new(valid, [b, len]), &self.device);
 
         // Targets: the frozen encoder's latents of the target scenes.
-        let targets: Vec<_> = samples.iter().map(|s| s.target.clone()).collect();
-        let images = image_batch_of(&targets, self.frozen.image_size, &plain)?;
+        // Each target is rendered once: for the encoder and for the foreground weights.
+        let render_config = RenderConfig::with_size(self.frozen.image_size);
+        let rendered = samples
+            .iter()
+            .map(|s| render(&s.target, &render_config))
+            .collect::<Result<Vec<_>, _>>()?;
+        let images = rendered_batch(&rendered, &plain);
         let z = self
             .frozen
             .encoder
@@ -454,8 +460,8 @@ impl DitStage {
         let tokens = (lh / 2) * (lw / 2);
         let side = self.frozen.image_size / (lw / 2) as u32;
         let mut weights = Vec::with_capacity(b * tokens);
-        for s in &samples {
-            let fg = foreground_squares(&s.target, self.frozen.image_size, side)?;
+        for (s, img) in samples.iter().zip(&rendered) {
+            let fg = foreground_squares(img, s.target.background(), side)?;
             if fg.len() != tokens {
                 return Err(TrainError::Model(format!(
                     "{} foreground squares for {tokens} latent tokens",

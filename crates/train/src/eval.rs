@@ -73,14 +73,13 @@ pub fn quick_eval(
     for i in 0..n {
         let target = scene(mix(seed, 0xE7A3), i as u64);
         let phrasing = phrase(&target, mix(seed, 0xE7A4 + i as u64));
-        let prompt = phrasing.text.clone();
         let settings = Settings {
             seed: i as u64,
             ..base.clone()
         };
         let request = Request {
             task: Task::TextToImage,
-            prompt: &prompt,
+            prompt: &phrasing.text,
             images: &[],
         };
         let output = pollster::block_on(model.run(&tokenizer, &request, &settings, |_| {

@@ -166,7 +166,7 @@ mod tests {
         // Measured 3.94 (4.4 while canonical descriptions repeated a relation sentence per
         // pair of objects, long phrases BPE merges well); byte-level would be 1.
         let per = chars as f64 / ids as f64;
-        assert!(per > 3.5, "{per:.2} characters per token");
+        assert!(per > 3.8, "{per:.2} characters per token");
         // Specials written in a prompt map to their ids; any other text still round-trips.
         let prompt =
             "<|im_start|>user\n<img><IMG_CONTEXT><IMG_CONTEXT></img>\nhi ünïcode ✓<|im_end|>";

@@ -16,7 +16,7 @@ use unifusion_model::generator::sampler::SeededNormal;
 use unifusion_model::generator::tiny_vae::AutoencoderTiny;
 use unifusion_world::score::{micro_average, score_scene};
 
-use crate::data::{image_values, mix, planar_to_rgb, scene};
+use crate::data::{image_values, mix, planar_to_rgb, rgb_to_planar, scene};
 use crate::named::{Init, NamedParams, NamedTensors, Recorder};
 use crate::trainer::{OptimConfig, Stage, Trainable};
 use crate::{Backend, TrainError};
@@ -143,11 +143,22 @@ pub fn image_batch_of(
     for s in scenes {
         values.extend(image_values(s, size)?);
     }
+    Ok(planar_batch(values, scenes.len(), size, device))
+}
+
+/// Already rendered square images, `[B, 3, s, s]` in [−1, 1].
+pub fn rendered_batch(images: &[image::RgbImage], device: &Device) -> Tensor<4> {
+    let size = images.first().map_or(0, |i| i.width());
+    let values = images
+        .iter()
+        .flat_map(|img| rgb_to_planar(img.as_raw(), size as usize))
+        .collect();
+    planar_batch(values, images.len(), size, device)
+}
+
+fn planar_batch(values: Vec<f32>, n: usize, size: u32, device: &Device) -> Tensor<4> {
     let s = size as usize;
-    Ok(Tensor::from_data(
-        TensorData::new(values, [scenes.len(), 3, s, s]),
-        device,
-    ))
+    Tensor::from_data(TensorData::new(values, [n, 3, s, s]), device)
 }
 
 /// Images `[B, 3, s, s]` of scenes `(seed, first..first + n)`.

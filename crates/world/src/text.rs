@@ -51,27 +51,23 @@ pub(crate) fn reference(scene: &Scene, index: usize) -> String {
 /// pairwise relations are implied by the cells, so they are not spelled out (they made the
 /// VERIFI target up to three times longer for four objects, and the VLM has to write it).
 pub fn canonical_description(scene: &Scene) -> String {
-    let order: Vec<usize> = (0..scene.objects().len()).collect();
-    description_in_order(scene, &order)
+    description_in_order(scene, &[])
 }
 
 /// The canonical description with the objects listed in `order` (indices into
-/// `scene.objects()`); reading order when `order` is not a permutation of them.
+/// `scene.objects()`); reading order when `order` is not a permutation of them (empty, say).
 pub fn description_in_order(scene: &Scene, order: &[usize]) -> String {
     let objects = scene.objects();
+    let reading: Vec<usize> = (0..objects.len()).collect();
     let mut sorted = order.to_vec();
     sorted.sort_unstable();
-    let order: Vec<usize> = if sorted == (0..objects.len()).collect::<Vec<_>>() {
-        order.to_vec()
-    } else {
-        (0..objects.len()).collect()
-    };
+    let order = if sorted == reading { order } else { &reading };
     let mut text = format!(
         "A {} background with {}.",
         scene.background(),
         count_phrase(objects.len(), "object")
     );
-    for i in order {
+    for &i in order {
         let o = &objects[i];
         text.push_str(&format!(
             " In the {}: a {}.",
@@ -538,8 +534,7 @@ mod tests {
             canonical_description(&scene),
             description_in_order(&scene, &[1, 0]),
         ] {
-            let (bg, mut objects) = read_description(&text).expect("reads");
-            objects.sort_by_key(|o| o.cell.index());
+            let (bg, objects) = read_description(&text).expect("reads");
             assert_eq!(Scene::new(bg, objects).expect("valid"), scene);
         }
         // Unreadable sentences are skipped; no background sentence, no reading.
