@@ -32,8 +32,8 @@ use unifusion_model::vlm::processor::VlmTokenizer;
 use unifusion_world::score::{best_of_n, category_means, macro_average, micro_average};
 use unifusion_world::{
     Background, Category, Edit, HeldOut, ImageScore, RenderConfig, Sampler, SamplerConfig, Scene,
-    Tally, Transfer, parse_image, phrase, read_description, render, score_edit, score_objects,
-    score_scene,
+    Tally, Transfer, canonical_description, parse_image, phrase, read_description, render,
+    score_edit, score_objects, score_scene,
 };
 
 use crate::CliError;
@@ -166,10 +166,22 @@ struct Run {
 struct RewriteScores {
     scores: Vec<ImageScore>,
     exact: usize,
+    /// The first few `{prompt, want, got}`, to read what the VLM gets wrong.
+    samples: Vec<serde_json::Value>,
 }
 
+/// Rewrites quoted in the JSON report.
+const REWRITE_SAMPLES: usize = 12;
+
 impl RewriteScores {
-    fn add(&mut self, intended: &Scene, rewrite: &str) {
+    fn add(&mut self, intended: &Scene, prompt: &str, rewrite: &str) {
+        if self.samples.len() < REWRITE_SAMPLES {
+            self.samples.push(json!({
+                "prompt": prompt,
+                "want": canonical_description(intended),
+                "got": rewrite,
+            }));
+        }
         let (background, found) = read_description(rewrite).unwrap_or_else(|| {
             let wrong = Background::ALL
                 .iter()
@@ -197,6 +209,7 @@ impl RewriteScores {
             "micro_avg": micro_average(&self.scores),
             "macro_avg": macro_average(&self.scores),
             "per_category": per_category,
+            "samples": self.samples,
         })
     }
 }
@@ -416,7 +429,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
                 imgs.push(score_scene(scene, &run.parsed));
                 row.push(run.img);
                 if seed == 0 && verifi {
-                    rewrites.add(scene, &run.rewrite);
+                    rewrites.add(scene, prompt, &run.rewrite);
                 }
             }
             if grid.rows.len() < 10 {
@@ -443,7 +456,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
                 imgs.push(score_scene(scene, &run.parsed));
                 row.push(run.img);
                 if seed == 0 && verifi {
-                    rewrites.add(scene, &run.rewrite);
+                    rewrites.add(scene, &prompt, &run.rewrite);
                 }
                 let run = runner.run(Task::Variation, "", &input, seed)?;
                 vars.push(score_scene(scene, &run.parsed));

@@ -58,6 +58,12 @@ pub struct Args {
     /// `plain-loss` (unweighted flow-matching MSE: no extra weight on object tokens).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub ablation: Vec<Ablation>,
+    /// Override the DiT's RoPE base (tuning runs; the recipe's value otherwise).
+    #[arg(long)]
+    pub dit_rope_theta: Option<f64>,
+    /// Override the DiT loss's extra weight on object tokens (tuning runs; 0 = plain MSE).
+    #[arg(long)]
+    pub dit_foreground_weight: Option<f32>,
     /// Stop (checkpointed, resumable) after the first step past this many minutes.
     #[arg(long)]
     pub time_limit_min: Option<f64>,
@@ -118,6 +124,22 @@ pub fn run(args: Args) -> Result<(), CliError> {
         }
         config.dit.optim.steps = steps;
         config.dit.optim.warmup = config.dit.optim.warmup.min(steps / 10);
+    }
+    if let Some(theta) = args.dit_rope_theta {
+        if !(theta.is_finite() && theta > 1.0) {
+            return Err(CliError::Usage(
+                "--dit-rope-theta must be a finite number above 1".into(),
+            ));
+        }
+        config.dit.transformer.rope_theta = theta;
+    }
+    if let Some(w) = args.dit_foreground_weight {
+        if !(w.is_finite() && w >= 0.0) {
+            return Err(CliError::Usage(
+                "--dit-foreground-weight must be a finite number ≥ 0".into(),
+            ));
+        }
+        config.dit.foreground_weight = w;
     }
     for ablation in &args.ablation {
         match ablation {

@@ -80,7 +80,7 @@ impl VlmStageConfig {
             image_size: 64,
             batch: 16,
             optim: OptimConfig {
-                steps: 1600,
+                steps: 2400,
                 lr: 2e-3,
                 warmup: 100,
                 final_lr_fraction: 0.05,
@@ -88,7 +88,7 @@ impl VlmStageConfig {
                 clip_norm: 1.0,
             },
             mix: TaskMix {
-                caption: 1.0,
+                caption: 1.5,
                 rewrite: 3.0,
                 edit: 1.0,
                 transfer: 0.25,
