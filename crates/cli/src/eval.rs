@@ -66,6 +66,10 @@ pub struct Args {
     /// Seed of the held-out set (which scenes and phrasings).
     #[arg(long, default_value_t = 0)]
     set_seed: u64,
+    /// Which scenes: `held-out` (each uses a pair training never saw: the benchmark) or
+    /// `seen` (fresh scenes of seen pairs only: how much of a gap is generalisation).
+    #[arg(long, value_enum, default_value_t = Split::HeldOut)]
+    split: Split,
     /// Condition on the prompt's own tokens instead of the VLM's rewrite (for a model trained
     /// with `train --ablation verifi-off`).
     #[arg(long)]
@@ -89,15 +93,25 @@ pub struct Args {
     quiet: bool,
 }
 
-/// A held-out scene: sampled freely until one uses a pair training never saw.
-fn held_out_scene(held: &HeldOut, seed: u64, index: u64) -> Scene {
+/// The scenes `eval` draws.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Split {
+    /// Each scene uses at least one pair training never saw (the benchmark).
+    HeldOut,
+    /// Fresh scenes of seen pairs only.
+    Seen,
+}
+
+/// Scene `index` of the set: sampled freely until one uses a pair training never saw (or,
+/// for `Split::Seen`, until one does not).
+fn eval_scene(held: &HeldOut, split: Split, seed: u64, index: u64) -> Scene {
     let mut sampler = Sampler::new(
         SamplerConfig::default(),
         seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index,
     );
     loop {
         let scene = sampler.sample();
-        if held.touches(&scene) {
+        if held.touches(&scene) == (split == Split::HeldOut) {
             return scene;
         }
     }
@@ -441,7 +455,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
     } else {
         let held = unifusion_train::data::held_out();
         let scenes: Vec<Scene> = (0..n)
-            .map(|i| held_out_scene(&held, args.set_seed, i))
+            .map(|i| eval_scene(&held, args.split, args.set_seed, i))
             .collect();
         let mut per_prompt = Vec::new();
         let mut variation = Vec::new();
@@ -506,6 +520,11 @@ pub fn run(args: Args) -> Result<(), CliError> {
         report.insert("edit".into(), edit_table(&edits));
         report.insert("multi_reference".into(), edit_table(&transfers));
         report.insert("variation".into(), t2i_table(&variation));
+        let split = match args.split {
+            Split::HeldOut => "held-out",
+            Split::Seen => "seen",
+        };
+        report.insert("split".into(), json!(split));
     }
     if verifi && let Some(t2i) = report.get_mut("t2i").and_then(|t| t.as_object_mut()) {
         t2i.insert("rewrite".into(), rewrites.table());

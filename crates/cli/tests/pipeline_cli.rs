@@ -402,6 +402,15 @@ fn eval_scores_held_out_prompts_and_own_cases() {
     assert_eq!(rewrite["exact"].as_f64(), Some(0.0), "{rewrite}");
     let micro = rewrite["micro_avg"].as_f64().expect("a number");
     assert!((0.0..=1.0).contains(&micro), "{rewrite}");
+    let samples = rewrite["samples"].as_array().expect("quoted rewrites");
+    assert_eq!(samples.len(), 2, "{rewrite}");
+    assert!(
+        samples[0]["want"]
+            .as_str()
+            .is_some_and(|w| w.contains("background")),
+        "{rewrite}"
+    );
+    assert_eq!(report["split"], "held-out");
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("| micro avg |"), "{stdout}");
     assert!(stdout.contains("VERIFI rewrites read back"), "{stdout}");
