@@ -1,7 +1,8 @@
 //! Stage 2: the tiny VAE, `AutoencoderTiny` layout (the model crate's `TinyEncoder` /
 //! `TinyDecoder`), trained on rendered world images.
 //!
-//! Loss: `L1 + MSE` of the reconstruction, plus `latent_l2 · mean(z²)` (a small KL-like pull
+//! Loss: `L1 + MSE` of the reconstruction (object pixels and the 1-px ring around them weigh
+//! `1 + foreground_weight`), plus `latent_l2 · mean(z²)` (a small KL-like pull
 //! that keeps the raw latents, which the DiT samples directly, near unit scale). The decoder
 //! sees `z + σ·ε` so small sampling errors of the DiT decode to clean images. Each step's
 //! batch is rendered afresh from `(seed, step)`: unlimited data, no epochs.
@@ -45,7 +46,7 @@ pub struct VaeStageConfig {
 }
 
 impl VaeStageConfig {
-    /// The recipe's VAE: 64-px images, 4× down to `[4, 16, 16]` latents, width 32. No
+    /// The recipe's VAE: 64-px images, 4× down to `[8, 16, 16]` latents, width 32. No
     /// residual block at full resolution (a 3×3 conv in and out only): that level would cost
     /// three quarters of the compute.
     pub fn recipe() -> Self {
