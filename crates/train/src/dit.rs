@@ -109,10 +109,10 @@ fn dit_config(
         num_layerwise_text_blocks: 2,
         num_refiner_text_blocks: 2,
         axes_dims_rope: [4, 6, 6],
-        // An 8×8 token grid: θ = 10 gives the spatial axes frequencies 1, 0.46 and 0.22, so
-        // positions 0..7 span 0–1.5 rad at the lowest; Krea's 1000 left 1, 0.1 and 0.01, where
-        // top and bottom rows nearly alias (600-step runs: t2i micro 0.263 against 0.177).
-        rope_theta: 10.0,
+        // Krea's base. θ = 10 (spatial frequencies 1, 0.46, 0.22 instead of 1, 0.1, 0.01 on the
+        // 8×8 grid) learnt faster (600 steps: t2i micro 0.263 against 0.177) but ended worse
+        // (2800 steps: 0.320 against 0.363, relation 0.145 against 0.243); docs/TRAINING.md.
+        rope_theta: 1000.0,
         norm_eps: 1e-5,
     }
 }
