@@ -111,7 +111,7 @@ fn dit_config(
         axes_dims_rope: [4, 6, 6],
         // Krea's base. θ = 10 (spatial frequencies 1, 0.46, 0.22 instead of 1, 0.1, 0.01 on the
         // 8×8 grid) learnt faster (600 steps: t2i micro 0.263 against 0.177) but ended worse
-        // (2800 steps: 0.320 against 0.363, relation 0.145 against 0.243); docs/TRAINING.md.
+        // (2800 steps: 0.320 against 0.365, relation 0.145 against 0.245); docs/TRAINING.md.
         rope_theta: 1000.0,
         norm_eps: 1e-5,
     }

@@ -380,28 +380,31 @@ impl Stage for VaeStage {
         let size = self.config.image_size;
         let noise_seed = mix(self.seed, 0x2000 + k as u64);
         let first = (k * b) as u64;
-        let loss = if self.config.foreground_weight == 0.0 {
-            let x = image_batch(mix(self.seed, 0x1A), first, b, size, &self.device)?;
-            self.loss(x, None, noise_seed)?
+        let scenes: Vec<_> = (0..b as u64)
+            .map(|i| scene(mix(self.seed, 0x1A), first + i))
+            .collect();
+        let config = RenderConfig::with_size(size);
+        let images = scenes
+            .iter()
+            .map(|s| render(s, &config))
+            .collect::<Result<Vec<_>, _>>()?;
+        let extra = self.config.foreground_weight;
+        let weights = if extra == 0.0 {
+            None
         } else {
-            let scenes: Vec<_> = (0..b as u64)
-                .map(|i| scene(mix(self.seed, 0x1A), first + i))
-                .collect();
-            let config = RenderConfig::with_size(size);
             let mut weights = Vec::with_capacity(b * (size * size) as usize);
-            let mut images = Vec::with_capacity(b);
-            for s in &scenes {
-                let img = render(s, &config)?;
-                let near = near_objects(&foreground_squares(&img, s.background(), 1)?, size);
-                let extra = self.config.foreground_weight;
+            for (s, img) in scenes.iter().zip(&images) {
+                let near = near_objects(&foreground_squares(img, s.background(), 1)?, size);
                 weights.extend(near.into_iter().map(|f| if f { 1.0 + extra } else { 1.0 }));
-                images.push(img);
             }
             let s = size as usize;
-            let w = Tensor::<4>::from_data(TensorData::new(weights, [b, 1, s, s]), &self.device);
-            let x = rendered_batch(&images, &self.device);
-            self.loss(x, Some(w), noise_seed)?
+            let shape = [b, 1, s, s];
+            Some(Tensor::<4>::from_data(
+                TensorData::new(weights, shape),
+                &self.device,
+            ))
         };
+        let loss = self.loss(rendered_batch(&images, &self.device), weights, noise_seed)?;
         self.ae.apply(loss, k)
     }
 
