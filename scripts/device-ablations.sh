@@ -8,9 +8,11 @@
 #                                        vae/decoder.safetensors, vlm/vlm.safetensors of one recipe run
 #
 # On the lent machine: probes the DiT step time on wgpu and on Flex, picks the faster, sizes
-# the step count to the time left, trains the four variants side by side (recipe, verifi-off,
-# last-layer, no-edit-data: same seed, same frozen VLM and VAE, same steps), evaluates each
-# with `unifusion eval` and writes everything under $OUT. TRAIN_SECONDS bounds the training.
+# the step count to the time left, trains the four variants side by side (default: recipe,
+# verifi-off, last-layer, no-edit-data; VARIANTS picks up to four of the names below, e.g. the
+# tuning runs "recipe tmean05 tmean10 lr2e3"; same seed, same frozen VLM and VAE, same steps),
+# evaluates each with `unifusion eval` and writes everything under $OUT. TRAIN_SECONDS bounds
+# the training. It also records what the machine offers a wgpu build (Vulkan ICDs, GPU).
 set -euo pipefail
 
 PAYLOAD=test-artifacts/device
@@ -37,6 +39,9 @@ xz -dc "$PAYLOAD/unifusion.xz" > "$work/unifusion" && chmod +x "$work/unifusion"
 U="$work/unifusion"
 nproc > "$OUT/nproc.txt"
 (nvidia-smi --query-gpu=name,memory.total --format=csv 2>&1 || true) > "$OUT/gpu.txt"
+{ echo "# Vulkan ICD manifests"; ls /usr/share/vulkan/icd.d /etc/vulkan/icd.d 2>&1
+  echo "# loader"; ldconfig -p 2>&1 | grep -i vulkan || echo "no libvulkan in the linker cache"; } \
+  > "$OUT/vulkan.txt" 2>&1 || true
 
 seed_dir() { mkdir -p "$1" && cp -r "$PAYLOAD/frozen/." "$1/"; }
 
@@ -56,7 +61,12 @@ if [ -n "${STEPS:-}" ]; then
   # Known rate (an earlier probe): no probing, all the time for training.
   backend=${BACKEND:-flex}; steps=$STEPS
 else
-  probe wgpu > "$work/t_wgpu" &
+  # wgpu needs a Vulkan ICD here; without one its probe is skipped, not waited for.
+  if ls /usr/share/vulkan/icd.d/*.json /etc/vulkan/icd.d/*.json > /dev/null 2>&1; then
+    probe wgpu > "$work/t_wgpu" &
+  else
+    echo 9999 > "$work/t_wgpu"
+  fi
   RAYON_NUM_THREADS=4 probe flex > "$work/t_flex" &
   wait
   t_wgpu=$(cat "$work/t_wgpu"); t_wgpu=${t_wgpu:-9999}
@@ -69,9 +79,15 @@ else
 fi
 echo "backend $backend, $steps steps per variant" | tee -a "$OUT/probe.txt"
 
-declare -A flags=([recipe]="" [verifi-off]="--ablation verifi-off" [last-layer]="--ablation last-layer" [no-edit-data]="--ablation no-edit-data")
-declare -A evalflags=([recipe]="" [verifi-off]="--no-verifi" [last-layer]="--pooling last-layer" [no-edit-data]="")
-for v in recipe verifi-off last-layer no-edit-data; do
+declare -A flags=([recipe]="" [verifi-off]="--ablation verifi-off" [last-layer]="--ablation last-layer"
+  [no-edit-data]="--ablation no-edit-data" [theta10]="--dit-rope-theta 10"
+  [tmean05]="--dit-t-mean 0.5" [tmean10]="--dit-t-mean 1.0" [lr2e3]="--dit-lr 2e-3")
+declare -A evalflags=([verifi-off]="--no-verifi" [last-layer]="--pooling last-layer")
+read -r -a variants <<< "${VARIANTS:-recipe verifi-off last-layer no-edit-data}"
+for v in "${variants[@]}"; do
+  [ -n "${flags[$v]+x}" ] || { echo "unknown variant $v" >&2; exit 2; }
+done
+for v in "${variants[@]}"; do
   seed_dir "$work/$v"
   ( RAYON_NUM_THREADS=4 timeout $((TRAIN_SECONDS + 60)) "$U" train --out "$work/$v" --stages dit \
       --dit-steps "$steps" --backend "$backend" --quiet $EXTRA ${flags[$v]} > "$OUT/train-$v.log" 2>&1 || true ) &
@@ -79,14 +95,14 @@ done
 wait
 # Results go back as one archive (the lent machine returns at most 8 files), without weights.
 R="$work/results"
-for v in recipe verifi-off last-layer no-edit-data; do
+for v in "${variants[@]}"; do
   mkdir -p "$R/$v"
   cp "$work/$v/dit/loss.csv" "$work/$v/dit/report.json" "$work/$v/dit/stage.json" \
      "$work/$v/dit/samples.png" "$R/$v/" 2>/dev/null || true
 done
-for v in recipe verifi-off last-layer no-edit-data; do
+for v in "${variants[@]}"; do
   if [ -f "$work/$v/model/config.json" ]; then
-    ( RAYON_NUM_THREADS=4 timeout "$EVAL_SECONDS" "$U" eval --model "$work/$v/model" $EVAL_FLAGS ${evalflags[$v]} \
+    ( RAYON_NUM_THREADS=4 timeout "$EVAL_SECONDS" "$U" eval --model "$work/$v/model" $EVAL_FLAGS ${evalflags[$v]:-} \
         --json "$R/$v/eval.json" --grid "$R/$v/grid.png" --quiet > "$R/$v/eval.txt" 2>&1 || true ) &
   fi
 done

@@ -1,6 +1,8 @@
 //! Picking a burn device, and its compute precision, from command-line flags.
 
 use burn::tensor::{Device, DeviceKind};
+use std::sync::OnceLock;
+
 use clap::ValueEnum;
 use unifusion_model::precision::{Precision, set_precision, supports_f16};
 
@@ -16,16 +18,21 @@ pub enum Backend {
 }
 
 impl Backend {
-    pub fn device(self) -> Device {
+    /// The device; for wgpu only once an adapter is known to exist (burn's own device setup
+    /// panics on a machine without one).
+    pub fn device(self) -> Result<Device, CliError> {
         match self {
-            Backend::Wgpu => Device::wgpu(DeviceKind::DefaultDevice),
-            Backend::Flex => Device::flex(),
+            Backend::Wgpu => {
+                require_wgpu_adapter()?;
+                Ok(Device::wgpu(DeviceKind::DefaultDevice))
+            }
+            Backend::Flex => Ok(Device::flex()),
         }
     }
 
     /// The device in the precision `wanted` asks for (before any tensor exists on it).
     pub fn device_with(self, wanted: PrecisionArg) -> Result<(Device, Precision), CliError> {
-        let mut device = self.device();
+        let mut device = self.device()?;
         let precision = match wanted {
             PrecisionArg::F32 => Precision::F32,
             PrecisionArg::F16 => Precision::F16,
@@ -37,6 +44,29 @@ impl Backend {
             .map_err(|e| CliError::Usage(format!("--precision {}: {e}", wanted.name())))?;
         Ok((device, precision))
     }
+}
+
+/// Asks wgpu for an adapter on any of its native APIs, as burn's default device does, and
+/// refuses with a clear error where there is none, e.g. a
+/// GPU machine whose Vulkan driver is not installed. Asked once per process.
+pub fn require_wgpu_adapter() -> Result<(), CliError> {
+    use burn::tensor::wgpu::wgpu;
+    static ADAPTER: OnceLock<Result<(), String>> = OnceLock::new();
+    ADAPTER
+        .get_or_init(|| {
+            let instance =
+                wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
+            pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions::default()))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(|e| {
+            CliError::Device(format!(
+                "no wgpu adapter on this machine ({e}); install a Vulkan driver \
+                 (mesa-vulkan-drivers gives a CPU one) or use --backend flex"
+            ))
+        })
 }
 
 /// `--precision`: what the model computes in.

@@ -377,7 +377,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
         )));
     }
     let cases = args.cases.as_deref().map(read_cases).transpose()?;
-    let device = args.backend.device();
+    let device = args.backend.device()?;
     let (model, tokenizer) = load_model(&args.model, &device, args.quiet)?;
     let base = model.config.default_settings();
     let size = args.size.unwrap_or(if model.config.defaults.is_some() {

@@ -64,6 +64,13 @@ pub struct Args {
     /// Override the DiT loss's extra weight on object tokens (tuning runs; 0 = plain MSE).
     #[arg(long)]
     pub dit_foreground_weight: Option<f32>,
+    /// Override the DiT's peak learning rate (tuning runs).
+    #[arg(long)]
+    pub dit_lr: Option<f64>,
+    /// Override the location of the DiT's logit-normal timestep density, `t = σ(N(m, 1))`
+    /// (tuning runs; above 0 trains more at high noise).
+    #[arg(long, allow_hyphen_values = true)]
+    pub dit_t_mean: Option<f32>,
     /// Stop (checkpointed, resumable) after the first step past this many minutes.
     #[arg(long)]
     pub time_limit_min: Option<f64>,
@@ -98,7 +105,10 @@ fn stage_name(s: StageArg) -> StageName {
 pub fn run(args: Args) -> Result<(), CliError> {
     let backend = match args.backend {
         TrainBackend::Flex => unifusion_train::Backend::Flex,
-        TrainBackend::Wgpu => unifusion_train::Backend::Wgpu,
+        TrainBackend::Wgpu => {
+            crate::device::require_wgpu_adapter()?;
+            unifusion_train::Backend::Wgpu
+        }
     };
     let mut config = if args.tiny {
         RecipeConfig::tiny(args.seed, backend)
@@ -140,6 +150,22 @@ pub fn run(args: Args) -> Result<(), CliError> {
             ));
         }
         config.dit.foreground_weight = w;
+    }
+    if let Some(lr) = args.dit_lr {
+        if !(lr.is_finite() && lr > 0.0 && lr < 1.0) {
+            return Err(CliError::Usage(
+                "--dit-lr must be a finite number in (0, 1)".into(),
+            ));
+        }
+        config.dit.optim.lr = lr;
+    }
+    if let Some(m) = args.dit_t_mean {
+        if !(m.is_finite() && m.abs() <= 4.0) {
+            return Err(CliError::Usage(
+                "--dit-t-mean must be a finite number in [-4, 4]".into(),
+            ));
+        }
+        config.dit.t_mean = m;
     }
     for ablation in &args.ablation {
         match ablation {

@@ -87,7 +87,9 @@ impl VlmStageConfig {
             image_size: 64,
             batch: 16,
             optim: OptimConfig {
-                steps: 1600,
+                // 2400 with label smoothing: held-out rewrites 0.573 → 0.588, seen ones
+                // 0.708 → 0.854 against 1600 (docs/TRAINING.md).
+                steps: 2400,
                 lr: 2e-3,
                 warmup: 100,
                 final_lr_fraction: 0.05,

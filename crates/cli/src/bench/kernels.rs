@@ -32,8 +32,8 @@ fn fixture(rows: usize, cols: usize, device: &Device) -> (Tensor<2>, Tensor<1>) 
 
 pub fn run(args: Args) -> Result<(), CliError> {
     let iters = args.iters as usize;
-    let gpu = Backend::Wgpu.device();
-    let cpu = Backend::Flex.device();
+    let gpu = Backend::Wgpu.device()?;
+    let cpu = Backend::Flex.device()?;
 
     println!("RMSNorm, f32, median of {iters} calls, ms\n");
     println!(

@@ -425,7 +425,7 @@ fn interleaved_ms(
 }
 
 fn speed(iters: usize, all_variants: bool) -> Result<(), CliError> {
-    let device = Backend::Wgpu.device();
+    let device = Backend::Wgpu.device()?;
     println!(
         "\nSpeed on wgpu, f32 activations, group 32, median of {iters} interleaved rounds, ms; \
          ratio = f32 ÷ quantized (mat-vec kernel for M ≤ {MATVEC_MAX_ROWS}, dequant.wgsl + matmul \
@@ -507,7 +507,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
         )));
     }
     if !args.skip_accuracy {
-        accuracy(args.group, &Backend::Wgpu.device())?;
+        accuracy(args.group, &Backend::Wgpu.device()?)?;
     }
     if !args.skip_speed {
         speed(args.iters as usize, args.all_variants)?;

@@ -125,7 +125,7 @@ fn leftovers(map: WeightMap, ignored: &[&str]) -> Result<(), CliError> {
 }
 
 pub fn run(target: Target, args: Args) -> Result<(), CliError> {
-    let device = args.backend.device();
+    let device = args.backend.device()?;
     let inputs = Inputs {
         tensors: read_safetensors(&read(&args.inputs)?)
             .map_err(usage)?

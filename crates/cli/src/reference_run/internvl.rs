@@ -58,7 +58,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
     let text = std::fs::read_to_string(&args.config)
         .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", args.config.display())))?;
     let config = InternVlConfig::from_json(&text).map_err(usage)?;
-    let device = args.backend.device();
+    let device = args.backend.device()?;
     let mut weights = Weights::new();
     for shard in &args.weights {
         weights.add_safetensors(&read(shard)?).map_err(usage)?;

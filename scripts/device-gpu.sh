@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Does a wgpu build run on the lent machine's GPU? That machine ships NVIDIA's Vulkan ICD
+# manifest but no Vulkan loader, so the payload carries this machine's libvulkan.so.1
+# (`--pack`) and points the loader at the driver's EGL library. Then, as one prepared script: the WGSL kernel benchmark on the GPU, a 12-step
+# DiT probe on wgpu and on Flex (12 threads), and, if wgpu is faster, the recipe's DiT stage
+# on the GPU for as many steps as fit in TRAIN_SECONDS, evaluated like the recipe's runs.
+#
+# Payload (carried): test-artifacts/device/ from `scripts/device-ablations.sh --pack RUN`
+# plus test-artifacts/device/lib/libvulkan.so.1 (`scripts/device-gpu.sh --pack`).
+set -euo pipefail
+PAYLOAD=test-artifacts/device
+if [ "${1:-}" = "--pack" ]; then
+  mkdir -p "$PAYLOAD/lib"
+  cp "$(readlink -f /usr/lib/x86_64-linux-gnu/libvulkan.so.1)" "$PAYLOAD/lib/libvulkan.so.1"
+  exit 0
+fi
+OUT=${OUT:?set OUT}
+TRAIN_SECONDS=${TRAIN_SECONDS:-240}
+EVAL_FLAGS=${EVAL_FLAGS:---prompts 16 --seeds 2}
+export LD_LIBRARY_PATH="$PWD/$PAYLOAD/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+work=$(mktemp -d)
+# The machine's own manifest names libGLX_nvidia.so.0, which fails headless ("Could not get
+# 'vkCreateInstance'"); the same driver's EGL library is a working Vulkan ICD without X.
+printf '{"file_format_version":"1.0.1","ICD":{"library_path":"libEGL_nvidia.so.0","api_version":"1.4.312"}}' \
+  > "$work/nvidia_egl_icd.json"
+export VK_DRIVER_FILES="$work/nvidia_egl_icd.json" VK_ICD_FILENAMES="$work/nvidia_egl_icd.json"
+xz -dc "$PAYLOAD/unifusion.xz" > "$work/unifusion" && chmod +x "$work/unifusion"
+U="$work/unifusion"
+seed_dir() { mkdir -p "$1" && cp -r "$PAYLOAD/frozen/." "$1/"; }
+log() { echo "$*" | tee -a "$OUT/summary.txt"; }
+
+log "== bench kernels"
+timeout 60 "$U" bench kernels --iters 10 > "$OUT/bench-kernels.md" 2>&1 || log "bench kernels failed"
+
+probe() { # backend threads
+  local dir="$work/probe-$1"; seed_dir "$dir"
+  if RAYON_NUM_THREADS=$2 timeout 60 "$U" train --out "$dir" --stages dit --dit-steps 12 --backend "$1" --quiet \
+      > "$OUT/probe-$1.log" 2>&1; then
+    sed -n 's/.*"seconds": *\([0-9.]*\).*/\1/p' "$dir/dit/report.json" | head -1
+  else echo 9999; fi
+}
+probe wgpu 4 > "$work/t_wgpu" & probe flex 12 > "$work/t_flex" & wait
+t_wgpu=$(cat "$work/t_wgpu"); t_flex=$(cat "$work/t_flex")
+log "12 DiT steps: wgpu $t_wgpu s, flex (12 threads) $t_flex s"
+if awk -v w="$t_wgpu" -v f="$t_flex" 'BEGIN { exit !(w < f) }'; then
+  steps=$(awk -v T="$TRAIN_SECONDS" -v t="$t_wgpu" 'BEGIN { s = int(T / (t / 12 * 1.15)); if (s > 20000) s = 20000; print s }')
+  log "training the recipe DiT on wgpu for $steps steps"
+  d="$work/gpu"; seed_dir "$d"
+  timeout $((TRAIN_SECONDS + 30)) "$U" train --out "$d" --stages dit --dit-steps "$steps" --backend wgpu --quiet \
+    > "$OUT/train.log" 2>&1 || log "training failed or timed out: $(tail -3 "$OUT/train.log")"
+  cp "$d/dit/loss.csv" "$d/dit/report.json" "$d/dit/samples.png" "$OUT/" 2>/dev/null || true
+  if [ -f "$d/model/config.json" ]; then
+    timeout 80 "$U" eval --model "$d/model" $EVAL_FLAGS --backend wgpu --json "$OUT/eval.json" \
+      --grid "$OUT/grid.png" --quiet > "$OUT/eval.txt" 2>&1 || log "eval failed: $(tail -3 "$OUT/eval.txt")"
+  fi
+fi
+log "done"
