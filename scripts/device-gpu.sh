@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Does a wgpu build run on the lent machine's GPU? That machine ships NVIDIA's Vulkan ICD
 # manifest but no Vulkan loader, so the payload carries this machine's libvulkan.so.1
-# (`--pack`) and points the loader at the driver's EGL library. Then, as one prepared script: the WGSL kernel benchmark on the GPU, a 12-step
-# DiT probe on wgpu and on Flex (12 threads), and, if wgpu is faster, the recipe's DiT stage
-# on the GPU for as many steps as fit in TRAIN_SECONDS, evaluated like the recipe's runs.
+# (`--pack`) and points the loader at the driver's EGL library. Then, as one prepared script:
+# `bench kernels` and `bench quant` on the GPU, the recipe's DiT step on wgpu and on Flex (12
+# threads) side by side, and, with TRAIN_SECONDS > 0 and wgpu the faster, the recipe's DiT
+# stage on the GPU for as many steps as fit, evaluated like the recipe's runs.
 #
 # Payload (carried): test-artifacts/device/ from `scripts/device-ablations.sh --pack RUN`
 # plus test-artifacts/device/lib/libvulkan.so.1 (`scripts/device-gpu.sh --pack`).
@@ -15,7 +16,7 @@ if [ "${1:-}" = "--pack" ]; then
   exit 0
 fi
 OUT=${OUT:?set OUT}
-TRAIN_SECONDS=${TRAIN_SECONDS:-240}
+TRAIN_SECONDS=${TRAIN_SECONDS:-0}   # > 0: then train the recipe DiT on wgpu that long
 EVAL_FLAGS=${EVAL_FLAGS:---prompts 16 --seeds 2}
 export LD_LIBRARY_PATH="$PWD/$PAYLOAD/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 work=$(mktemp -d)
@@ -29,21 +30,27 @@ U="$work/unifusion"
 seed_dir() { mkdir -p "$1" && cp -r "$PAYLOAD/frozen/." "$1/"; }
 log() { echo "$*" | tee -a "$OUT/summary.txt"; }
 
-log "== bench kernels"
-timeout 60 "$U" bench kernels --iters 10 > "$OUT/bench-kernels.md" 2>&1 || log "bench kernels failed"
+log "== bench kernels, bench quant"
+timeout 90 "$U" bench kernels --iters 10 > "$OUT/bench-kernels.md" 2>&1 || log "bench kernels failed"
+timeout 90 "$U" bench quant > "$OUT/bench-quant.md" 2>&1 || log "bench quant failed"
 
-probe() { # backend threads
-  local dir="$work/probe-$1"; seed_dir "$dir"
-  if RAYON_NUM_THREADS=$2 timeout 60 "$U" train --out "$dir" --stages dit --dit-steps 12 --backend "$1" --quiet \
-      > "$OUT/probe-$1.log" 2>&1; then
+# The recipe's DiT step on each backend, side by side: 12 steps (pipeline and shader
+# compilation included) and 100 steps; the stage's own training seconds (report.json).
+probe() { # backend threads steps
+  local dir="$work/probe-$1-$3"; seed_dir "$dir"
+  if RAYON_NUM_THREADS=$2 timeout 120 "$U" train --out "$dir" --stages dit --dit-steps "$3" --backend "$1" --quiet \
+      > "$OUT/probe-$1-$3.log" 2>&1; then
     sed -n 's/.*"seconds": *\([0-9.]*\).*/\1/p' "$dir/dit/report.json" | head -1
   else echo 9999; fi
 }
-probe wgpu 4 > "$work/t_wgpu" & probe flex 12 > "$work/t_flex" & wait
-t_wgpu=$(cat "$work/t_wgpu"); t_flex=$(cat "$work/t_flex")
-log "12 DiT steps: wgpu $t_wgpu s, flex (12 threads) $t_flex s"
+for n in 12 100; do
+  probe wgpu 4 $n > "$work/t_wgpu" & probe flex 12 $n > "$work/t_flex" & wait
+  t_wgpu=$(cat "$work/t_wgpu"); t_flex=$(cat "$work/t_flex")
+  log "$n DiT steps side by side: wgpu $t_wgpu s, flex (12 threads) $t_flex s"
+done
+[ "${TRAIN_SECONDS}" -gt 0 ] || { log "done"; exit 0; }
 if awk -v w="$t_wgpu" -v f="$t_flex" 'BEGIN { exit !(w < f) }'; then
-  steps=$(awk -v T="$TRAIN_SECONDS" -v t="$t_wgpu" 'BEGIN { s = int(T / (t / 12 * 1.15)); if (s > 20000) s = 20000; print s }')
+  steps=$(awk -v T="$TRAIN_SECONDS" -v t="$t_wgpu" 'BEGIN { s = int(T / (t / 100 * 1.15)); if (s > 20000) s = 20000; print s }')
   log "training the recipe DiT on wgpu for $steps steps"
   d="$work/gpu"; seed_dir "$d"
   timeout $((TRAIN_SECONDS + 30)) "$U" train --out "$d" --stages dit --dit-steps "$steps" --backend wgpu --quiet \
