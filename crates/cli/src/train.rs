@@ -64,6 +64,11 @@ pub struct Args {
     /// Override the DiT loss's extra weight on object tokens (tuning runs; 0 = plain MSE).
     #[arg(long)]
     pub dit_foreground_weight: Option<f32>,
+    /// Export the DiT's exponential moving average of the weights with this decay per step
+    /// (tuning runs; 0 = the last weights). The last weights go to
+    /// `dit/transformer-last.safetensors` beside it.
+    #[arg(long)]
+    pub dit_ema: Option<f64>,
     /// Override the DiT's peak learning rate (tuning runs).
     #[arg(long)]
     pub dit_lr: Option<f64>,
@@ -150,6 +155,14 @@ pub fn run(args: Args) -> Result<(), CliError> {
             ));
         }
         config.dit.foreground_weight = w;
+    }
+    if let Some(d) = args.dit_ema {
+        if !(d.is_finite() && (0.0..1.0).contains(&d)) {
+            return Err(CliError::Usage(
+                "--dit-ema must be a decay in [0, 1)".into(),
+            ));
+        }
+        config.dit.ema_decay = d;
     }
     if let Some(lr) = args.dit_lr {
         if !(lr.is_finite() && lr > 0.0 && lr < 1.0) {

@@ -72,6 +72,10 @@ pub struct DitStageConfig {
     /// default; above 0 spends more samples at high noise, where the layout is decided).
     #[serde(default)]
     pub t_mean: f32,
+    /// Decay of an exponential moving average of the weights that the stage exports instead
+    /// of the last ones (0 = none; the last weights then go out, as before).
+    #[serde(default)]
+    pub ema_decay: f64,
 }
 
 fn verifi_on() -> bool {
@@ -147,6 +151,7 @@ impl DitStageConfig {
             pooling: Pooling::Lap,
             foreground_weight: 4.0,
             t_mean: 0.0,
+            ema_decay: 0.0,
         }
     }
 
@@ -175,6 +180,7 @@ impl DitStageConfig {
             pooling: Pooling::Lap,
             foreground_weight: 2.0,
             t_mean: 0.0,
+            ema_decay: 0.0,
         }
     }
 }
@@ -356,7 +362,7 @@ impl DitStage {
         let device = backend.autodiff();
         let (model, names) = init_transformer(&config.transformer, seed, &device)?;
         let null = frozen.null_condition(config.max_rewrite_tokens, config.verifi)?;
-        let dit = Trainable::new(model, names, config.optim.clone());
+        let dit = Trainable::new(model, names, config.optim.clone()).with_ema(config.ema_decay, 4);
         Ok(Self {
             config,
             seed,
@@ -367,8 +373,14 @@ impl DitStage {
         })
     }
 
-    /// The transformer's tensors under diffusers names (`transformer.safetensors`).
+    /// The transformer's tensors under diffusers names (`transformer.safetensors`): the
+    /// weights' moving average where the stage keeps one, the last weights otherwise.
     pub fn tensors(&self) -> NamedTensors {
+        self.dit.averaged()
+    }
+
+    /// The last weights under diffusers names, whatever the stage exports.
+    pub fn last_tensors(&self) -> NamedTensors {
         self.dit.names.export(self.dit.model())
     }
 
@@ -541,20 +553,20 @@ mod tests {
     use crate::vlm::{VlmStageConfig, init_vlm};
     use unifusion_model::pipeline::every_third_layer;
 
-    #[test]
-    fn short_run_reduces_the_flow_matching_loss_and_the_checkpoint_loads() {
+    /// The tiny DiT stage over untrained frozen parts (enough to check that the DiT learns).
+    fn tiny_stage(edit: impl FnOnce(&mut DitStageConfig)) -> DitStage {
         let json =
             crate::tokenizer::train_bpe(&crate::data::text_corpus(2, 100), 320).expect("tokenizer");
         let tokenizer = VlmTokenizer::from_bytes(json.as_bytes()).expect("loads");
         let vlm_stage = VlmStageConfig::tiny(320);
         let vae_stage = VaeStageConfig::tiny();
         let device = Device::flex();
-        // Untrained frozen parts are enough to check that the DiT learns.
         let (vlm, _) = init_vlm(&vlm_stage.vlm, 1, &device).expect("vlm");
         let (ae, _) = init_autoencoder(&vae_stage.vae, 1, &device).expect("vae");
         let taps = every_third_layer(vlm_stage.vlm.text_config.num_hidden_layers);
-        let config =
+        let mut config =
             DitStageConfig::tiny(&vlm_stage.vlm, taps.len(), vae_stage.vae.latent_channels);
+        edit(&mut config);
         let frozen = Frozen {
             vlm,
             vlm_config: vlm_stage.vlm.clone(),
@@ -563,9 +575,16 @@ mod tests {
             image_size: vae_stage.image_size,
             taps,
         };
+        DitStage::new(config, frozen, 5, Backend::Flex).expect("builds")
+    }
+
+    #[test]
+    fn short_run_reduces_the_flow_matching_loss_and_the_checkpoint_loads() {
+        let mut stage = tiny_stage(|_| {});
+        let config = stage.config.clone();
+        let device = Device::flex();
         let dir = std::env::temp_dir().join(format!("unifusion-dit-test-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let mut stage = DitStage::new(config.clone(), frozen, 5, Backend::Flex).expect("builds");
         let run = run_stage(&mut stage, &dir, 1000, &mut |_| {}).expect("trains");
         let (first, last) = run.curve.first_last_mean(8);
         assert!(last < 0.8 * first, "loss {first} -> {last}");
@@ -576,6 +595,36 @@ mod tests {
         Krea2Transformer::load(&config.transformer, &mut map, &device).expect("loads");
         map.finish().expect("every tensor used");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_weight_average_is_exported_and_survives_a_resume() {
+        let ema = |c: &mut DitStageConfig| {
+            c.optim.steps = 8;
+            c.optim.warmup = 2;
+            c.ema_decay = 0.9;
+        };
+        let base = std::env::temp_dir().join(format!("unifusion-dit-ema-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let mut whole = tiny_stage(ema);
+        run_stage(&mut whole, &base.join("a"), 3, &mut |_| {}).expect("trains");
+        // The average is not the last weights (it lags them).
+        assert_ne!(whole.tensors(), whole.last_tensors());
+
+        let mut first = tiny_stage(ema);
+        let limit = crate::trainer::Limit {
+            stop_step: 5,
+            deadline: None,
+        };
+        crate::trainer::run_stage_until(&mut first, &base.join("b"), 3, limit, &mut |_| {})
+            .expect("trains");
+        assert!(base.join("b/checkpoint/ema.safetensors").exists());
+        drop(first);
+        let mut second = tiny_stage(ema);
+        run_stage(&mut second, &base.join("b"), 3, &mut |_| {}).expect("resumes");
+        assert_eq!(whole.last_tensors(), second.last_tensors());
+        assert_eq!(whole.tensors(), second.tensors());
+        let _ = std::fs::remove_dir_all(&base);
     }
 }
 

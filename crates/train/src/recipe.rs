@@ -386,6 +386,13 @@ fn run_dit(
         &dir.join("transformer.safetensors"),
         &named::safetensors_bytes(&stage.tensors())?,
     )?;
+    if config.dit.ema_decay > 0.0 {
+        // The last weights beside the average, to compare the two.
+        write_atomic(
+            &dir.join("transformer-last.safetensors"),
+            &named::safetensors_bytes(&stage.last_tensors())?,
+        )?;
+    }
     write_model_dir(out, config)?;
     let size = config.vae.image_size as usize;
     let settings = Settings {

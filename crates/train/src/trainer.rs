@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::TrainError;
 use crate::curve::LossCurve;
-use crate::named::{NamedParams, read_safetensors, safetensors_bytes};
+use crate::named::{NamedParams, NamedTensors, read_safetensors, safetensors_bytes};
 
 /// Optimizer and schedule of one stage.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -50,6 +50,32 @@ impl OptimConfig {
     }
 }
 
+/// An exponential moving average of the parameters, kept on the host under checkpoint names.
+///
+/// Updated every `every` steps from the end of warmup on, with the decay raised to `every`, so
+/// its horizon is about `1 / (1 - decay)` steps whatever `every` is.
+struct Ema {
+    decay: f64,
+    every: usize,
+    /// `None` until the first update, which copies the parameters.
+    tensors: Option<NamedTensors>,
+}
+
+impl Ema {
+    fn update(&mut self, current: NamedTensors) {
+        let Some(avg) = self.tensors.as_mut() else {
+            self.tensors = Some(current);
+            return;
+        };
+        let d = self.decay.powi(self.every as i32) as f32;
+        for ((_, _, a), (_, _, c)) in avg.iter_mut().zip(current) {
+            for (a, c) in a.iter_mut().zip(c) {
+                *a = d * *a + (1.0 - d) * c;
+            }
+        }
+    }
+}
+
 /// A module being trained: the module, its checkpoint names and its optimizer.
 pub struct Trainable<M: Module> {
     model: Option<M>,
@@ -58,6 +84,7 @@ pub struct Trainable<M: Module> {
     optim: ModuleOptimizer,
     /// The schedule.
     pub config: OptimConfig,
+    ema: Option<Ema>,
 }
 
 impl<M: Module> Trainable<M> {
@@ -72,6 +99,28 @@ impl<M: Module> Trainable<M> {
             names,
             optim,
             config,
+            ema: None,
+        }
+    }
+
+    /// Also keeps an exponential moving average of the parameters (decay per step, updated
+    /// every `every` steps after warmup); [`Trainable::averaged`] exports it. A decay of 0
+    /// keeps none.
+    pub fn with_ema(mut self, decay: f64, every: usize) -> Self {
+        self.ema = (decay > 0.0).then_some(Ema {
+            decay,
+            every: every.max(1),
+            tensors: None,
+        });
+        self
+    }
+
+    /// The averaged parameters under checkpoint names, or the current ones where no average is
+    /// kept (or none was taken yet).
+    pub fn averaged(&self) -> NamedTensors {
+        match self.ema.as_ref().and_then(|e| e.tensors.clone()) {
+            Some(t) => t,
+            None => self.names.export(self.model()),
         }
     }
 
@@ -97,13 +146,28 @@ impl<M: Module> Trainable<M> {
         let grads = GradientsParams::from_grads(grads, &model);
         let lr = self.config.lr_at(k);
         self.model = Some(self.optim.step(lr, model, grads));
+        if let Some(ema) = self.ema.as_mut()
+            && k + 1 >= self.config.warmup
+            && (k + 1 - self.config.warmup) % ema.every == 0
+        {
+            let current = self.names.export(
+                self.model
+                    .as_ref()
+                    .unwrap_or_else(|| unreachable!("the model was just put back")),
+            );
+            ema.update(current);
+        }
         Ok((value, lr))
     }
 
-    /// Writes `weights.safetensors` (checkpoint names) and `optimizer.bpk` into `dir`.
+    /// Writes `weights.safetensors` (checkpoint names), `optimizer.bpk` and, with an average
+    /// taken, `ema.safetensors` into `dir`.
     pub fn save(&self, dir: &Path) -> Result<Vec<u64>, TrainError> {
         let bytes = safetensors_bytes(&self.names.export(self.model()))?;
         write_atomic(&dir.join("weights.safetensors"), &bytes)?;
+        if let Some(avg) = self.ema.as_ref().and_then(|e| e.tensors.as_ref()) {
+            write_atomic(&dir.join("ema.safetensors"), &safetensors_bytes(avg)?)?;
+        }
         self.optim
             .save(dir.join("optimizer.bpk"))
             .map_err(|e| TrainError::Checkpoint(format!("optimizer state: {e:?}")))?;
@@ -120,6 +184,31 @@ impl<M: Module> Trainable<M> {
             .take()
             .unwrap_or_else(|| unreachable!("the model is present between steps"));
         self.model = Some(self.names.import(model, &tensors, Some(ids))?);
+        if self.ema.is_some() {
+            let path = dir.join("ema.safetensors");
+            let restored = if path.exists() {
+                let bytes = std::fs::read(&path).map_err(|e| TrainError::io(&path, e))?;
+                let mut saved = read_safetensors(&bytes)?;
+                let mut avg = self.names.export(self.model());
+                for (name, _, values) in &mut avg {
+                    match saved.remove(name.as_str()) {
+                        Some(v) if v.len() == values.len() => *values = v,
+                        _ => {
+                            return Err(TrainError::Checkpoint(format!(
+                                "{} lacks `{name}` or holds it in another size",
+                                path.display()
+                            )));
+                        }
+                    }
+                }
+                Some(avg)
+            } else {
+                None
+            };
+            if let Some(ema) = self.ema.as_mut() {
+                ema.tensors = restored;
+            }
+        }
         let optim = std::mem::replace(&mut self.optim, AdamWConfig::new().init());
         self.optim = optim
             .load(dir.join("optimizer.bpk"))
@@ -326,5 +415,20 @@ mod tests {
         assert!((c.lr_at(9) - 1e-3).abs() < 1e-12);
         assert!(c.lr_at(50) < 1e-3 && c.lr_at(50) > 1e-4);
         assert!((c.lr_at(99) - 1e-4).abs() < 2e-6);
+    }
+
+    #[test]
+    fn the_average_starts_as_a_copy_then_moves_by_decay_to_the_power_every() {
+        let t = |v: f32| vec![("w".to_string(), vec![2], vec![v, 2.0 * v])];
+        let mut ema = Ema {
+            decay: 0.5,
+            every: 2,
+            tensors: None,
+        };
+        ema.update(t(4.0));
+        assert_eq!(ema.tensors, Some(t(4.0)));
+        // d = 0.5² = 0.25: 0.25 · 4 + 0.75 · 8 = 7.
+        ema.update(t(8.0));
+        assert_eq!(ema.tensors, Some(t(7.0)));
     }
 }
