@@ -69,6 +69,9 @@ pub struct Args {
     /// `dit/transformer-last.safetensors` beside it.
     #[arg(long)]
     pub dit_ema: Option<f64>,
+    /// Override the DiT's samples per step (tuning runs).
+    #[arg(long)]
+    pub dit_batch: Option<usize>,
     /// Override the DiT's peak learning rate (tuning runs).
     #[arg(long)]
     pub dit_lr: Option<f64>,
@@ -163,6 +166,12 @@ pub fn run(args: Args) -> Result<(), CliError> {
             ));
         }
         config.dit.ema_decay = d;
+    }
+    if let Some(b) = args.dit_batch {
+        if !(1..=1024).contains(&b) {
+            return Err(CliError::Usage("--dit-batch must be 1 to 1024".into()));
+        }
+        config.dit.batch = b;
     }
     if let Some(lr) = args.dit_lr {
         if !(lr.is_finite() && lr > 0.0 && lr < 1.0) {
