@@ -100,15 +100,22 @@ pub enum Split {
     HeldOut,
     /// Fresh scenes of seen pairs only.
     Seen,
+    /// One object per scene, of seen pairs: the DiT's placement and drawing, with rewrites
+    /// the VLM gets right (a diagnostic, not the benchmark).
+    Single,
 }
 
 /// Scene `index` of the set: sampled freely until one uses a pair training never saw (or,
 /// for `Split::Seen`, until one does not).
 fn eval_scene(held: &HeldOut, split: Split, seed: u64, index: u64) -> Scene {
-    let mut sampler = Sampler::new(
-        SamplerConfig::default(),
-        seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index,
-    );
+    let config = match split {
+        Split::Single => SamplerConfig {
+            max_objects: 1,
+            ..SamplerConfig::default()
+        },
+        Split::HeldOut | Split::Seen => SamplerConfig::default(),
+    };
+    let mut sampler = Sampler::new(config, seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ index);
     loop {
         let scene = sampler.sample();
         if held.touches(&scene) == (split == Split::HeldOut) {
@@ -523,6 +530,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
         let split = match args.split {
             Split::HeldOut => "held-out",
             Split::Seen => "seen",
+            Split::Single => "single",
         };
         report.insert("split".into(), json!(split));
     }

@@ -451,5 +451,37 @@ fn eval_scores_held_out_prompts_and_own_cases() {
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("line 2") && err.contains("hexagon"), "{err}");
+
+    // The single-object diagnostic: every scene holds one object.
+    let o = unifusion(&[
+        "eval",
+        "--model",
+        m,
+        "--split",
+        "single",
+        "--prompts",
+        "3",
+        "--seeds",
+        "1",
+        "--steps",
+        "1",
+        "--size",
+        "32",
+        "--quiet",
+        "--json",
+        json.to_str().expect("test value"),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("json")).expect("parses");
+    assert_eq!(report["split"], "single");
+    let samples = report["t2i"]["rewrite"]["samples"]
+        .as_array()
+        .expect("quoted");
+    assert_eq!(samples.len(), 3);
+    for s in samples {
+        let want = s["want"].as_str().expect("text");
+        assert!(want.contains("with one object"), "{want}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
