@@ -148,7 +148,7 @@ impl<M: Module> Trainable<M> {
         self.model = Some(self.optim.step(lr, model, grads));
         if let Some(ema) = self.ema.as_mut()
             && k + 1 >= self.config.warmup
-            && (k + 1 - self.config.warmup) % ema.every == 0
+            && (k + 1 - self.config.warmup).is_multiple_of(ema.every)
         {
             let current = self.names.export(
                 self.model
