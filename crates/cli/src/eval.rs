@@ -105,8 +105,9 @@ pub enum Split {
     Single,
 }
 
-/// Scene `index` of the set: sampled freely until one uses a pair training never saw (or,
-/// for `Split::Seen`, until one does not).
+/// Scene `index` of the set: sampled freely (one object only for `Split::Single`) until one
+/// uses a pair training never saw (or, for `Split::Seen` and `Split::Single`, until one does
+/// not).
 fn eval_scene(held: &HeldOut, split: Split, seed: u64, index: u64) -> Scene {
     let config = match split {
         Split::Single => SamplerConfig {

@@ -351,25 +351,23 @@ fn eval_scores_held_out_prompts_and_own_cases() {
     let m = model.to_str().expect("test value");
     assert!(unifusion(&["make-tiny-model", "--out", m]).status.success());
     let json = dir.join("eval.json");
-    let o = unifusion(&[
-        "eval",
-        "--model",
-        m,
-        "--prompts",
-        "2",
-        "--seeds",
-        "2",
-        "--steps",
-        "1",
-        "--size",
-        "32",
-        "--quiet",
-        "--json",
-        json.to_str().expect("test value"),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&json).expect("json")).expect("parses");
+    // `eval` at one step and 32 px, `extra` flags in between: the JSON report, parsed, and
+    // what it printed.
+    let eval_json = |extra: &[&str]| -> (serde_json::Value, String) {
+        let j = json.to_str().expect("test value");
+        let tail = ["--steps", "1", "--size", "32", "--quiet", "--json", j];
+        let args: Vec<&str> = ["eval", "--model", m]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .chain(tail)
+            .collect();
+        let o = unifusion(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let report = std::fs::read(&json).expect("json");
+        let report = serde_json::from_slice(&report).expect("parses");
+        (report, String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    let (report, stdout) = eval_json(&["--prompts", "2", "--seeds", "2"]);
     assert_eq!(report["t2i"]["images"], 4);
     assert_eq!(report["variation"]["images"], 4);
     assert_eq!(report["edit"]["cases"], 4);
@@ -411,7 +409,6 @@ fn eval_scores_held_out_prompts_and_own_cases() {
         "{rewrite}"
     );
     assert_eq!(report["split"], "held-out");
-    let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("| micro avg |"), "{stdout}");
     assert!(stdout.contains("VERIFI rewrites read back"), "{stdout}");
 
@@ -420,25 +417,7 @@ fn eval_scores_held_out_prompts_and_own_cases() {
     let good = r#"{"prompt": "a red circle top left", "scene": {"background":"white","objects":[{"shape":"circle","color":"red","size":"large","cell":[0,0]}]}}"#;
     std::fs::write(&cases, format!("{good}\n\n{good}\n")).expect("write");
     let c = cases.to_str().expect("test value");
-    let o = unifusion(&[
-        "eval",
-        "--model",
-        m,
-        "--cases",
-        c,
-        "--seeds",
-        "1",
-        "--steps",
-        "1",
-        "--size",
-        "32",
-        "--quiet",
-        "--json",
-        json.to_str().expect("test value"),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&json).expect("json")).expect("parses");
+    let (report, _) = eval_json(&["--cases", c, "--seeds", "1"]);
     assert_eq!(report["t2i"]["images"], 2);
     assert_eq!(report["t2i"]["rewrite"]["prompts"], 2);
     assert!(report.get("edit").is_none());
@@ -453,27 +432,7 @@ fn eval_scores_held_out_prompts_and_own_cases() {
     assert!(err.contains("line 2") && err.contains("hexagon"), "{err}");
 
     // The single-object diagnostic: every scene holds one object.
-    let o = unifusion(&[
-        "eval",
-        "--model",
-        m,
-        "--split",
-        "single",
-        "--prompts",
-        "3",
-        "--seeds",
-        "1",
-        "--steps",
-        "1",
-        "--size",
-        "32",
-        "--quiet",
-        "--json",
-        json.to_str().expect("test value"),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&json).expect("json")).expect("parses");
+    let (report, _) = eval_json(&["--split", "single", "--prompts", "3", "--seeds", "1"]);
     assert_eq!(report["split"], "single");
     let samples = report["t2i"]["rewrite"]["samples"]
         .as_array()

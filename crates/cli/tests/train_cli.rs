@@ -74,7 +74,7 @@ fn bad_flags_are_one_line_and_exit_2() {
         vec!["train", "--out", o, "--dit-lr", "NaN"],
         vec!["train", "--out", o, "--dit-t-mean", "9"],
         vec!["train", "--out", o, "--dit-rope-theta", "1"],
-        vec!["train", "--out", o, "--dit-foreground-weight", "-1"],
+        vec!["train", "--out", o, "--dit-foreground-weight", "NaN"],
     ] {
         let r = unifusion(&args);
         assert_eq!(r.status.code(), Some(2), "{args:?}");

@@ -146,16 +146,12 @@ impl<M: Module> Trainable<M> {
         let grads = GradientsParams::from_grads(grads, &model);
         let lr = self.config.lr_at(k);
         self.model = Some(self.optim.step(lr, model, grads));
-        if let Some(ema) = self.ema.as_mut()
-            && k + 1 >= self.config.warmup
-            && (k + 1 - self.config.warmup).is_multiple_of(ema.every)
-        {
-            let current = self.names.export(
-                self.model
-                    .as_ref()
-                    .unwrap_or_else(|| unreachable!("the model was just put back")),
-            );
-            ema.update(current);
+        if let Some(mut ema) = self.ema.take() {
+            let after_warmup = (k + 1).checked_sub(self.config.warmup);
+            if after_warmup.is_some_and(|n| n.is_multiple_of(ema.every)) {
+                ema.update(self.names.export(self.model()));
+            }
+            self.ema = Some(ema);
         }
         Ok((value, lr))
     }
@@ -185,28 +181,9 @@ impl<M: Module> Trainable<M> {
             .unwrap_or_else(|| unreachable!("the model is present between steps"));
         self.model = Some(self.names.import(model, &tensors, Some(ids))?);
         if self.ema.is_some() {
-            let path = dir.join("ema.safetensors");
-            let restored = if path.exists() {
-                let bytes = std::fs::read(&path).map_err(|e| TrainError::io(&path, e))?;
-                let mut saved = read_safetensors(&bytes)?;
-                let mut avg = self.names.export(self.model());
-                for (name, _, values) in &mut avg {
-                    match saved.remove(name.as_str()) {
-                        Some(v) if v.len() == values.len() => *values = v,
-                        _ => {
-                            return Err(TrainError::Checkpoint(format!(
-                                "{} lacks `{name}` or holds it in another size",
-                                path.display()
-                            )));
-                        }
-                    }
-                }
-                Some(avg)
-            } else {
-                None
-            };
+            let avg = self.read_average(&dir.join("ema.safetensors"))?;
             if let Some(ema) = self.ema.as_mut() {
-                ema.tensors = restored;
+                ema.tensors = avg;
             }
         }
         let optim = std::mem::replace(&mut self.optim, AdamWConfig::new().init());
@@ -214,6 +191,29 @@ impl<M: Module> Trainable<M> {
             .load(dir.join("optimizer.bpk"))
             .map_err(|e| TrainError::Checkpoint(format!("optimizer state: {e:?}")))?;
         Ok(())
+    }
+
+    /// The average a checkpoint saved at `path`, in the module's order; `None` where it holds
+    /// none (a run stopped before warmup ended).
+    fn read_average(&self, path: &Path) -> Result<Option<NamedTensors>, TrainError> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, e))?;
+        let mut saved = read_safetensors(&bytes)?;
+        let mut avg = self.names.export(self.model());
+        for (name, _, values) in &mut avg {
+            match saved.remove(name.as_str()) {
+                Some(v) if v.len() == values.len() => *values = v,
+                _ => {
+                    return Err(TrainError::Checkpoint(format!(
+                        "{} lacks `{name}` or holds it in another size",
+                        path.display()
+                    )));
+                }
+            }
+        }
+        Ok(Some(avg))
     }
 
     /// The module's tensors under checkpoint names, as safetensors bytes.
