@@ -72,6 +72,11 @@ pub struct Args {
     /// Override the DiT's samples per step (tuning runs).
     #[arg(long)]
     pub dit_batch: Option<usize>,
+    /// Split each DiT step's batch over this many threads (1 to the batch size), each on its
+    /// own copy of the weights, the gradients summed before the step. Part of the stage's
+    /// settings: the shards draw their own noise.
+    #[arg(long)]
+    pub dit_shards: Option<usize>,
     /// Override the DiT's peak learning rate (tuning runs).
     #[arg(long)]
     pub dit_lr: Option<f64>,
@@ -172,6 +177,15 @@ pub fn run(args: Args) -> Result<(), CliError> {
             return Err(CliError::Usage("--dit-batch must be 1 to 1024".into()));
         }
         config.dit.batch = b;
+    }
+    if let Some(n) = args.dit_shards {
+        if !(1..=config.dit.batch).contains(&n) {
+            return Err(CliError::Usage(format!(
+                "--dit-shards must be 1 to the DiT batch ({})",
+                config.dit.batch
+            )));
+        }
+        config.dit.shards = n;
     }
     if let Some(lr) = args.dit_lr {
         if !(lr.is_finite() && lr > 0.0 && lr < 1.0) {

@@ -16,6 +16,8 @@
 
 use std::path::Path;
 
+use burn::module::Module;
+use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -36,7 +38,7 @@ use unifusion_world::{RenderConfig, render};
 use crate::data::{Sample, TaskMix, foreground_squares, mix, sample};
 use crate::named::{Init, NamedParams, NamedTensors, Recorder, read_safetensors};
 use crate::tokenizer::IM_END;
-use crate::trainer::{OptimConfig, Stage, Trainable};
+use crate::trainer::{OptimConfig, Stage, Trainable, scalar};
 use crate::vae::rendered_batch;
 use crate::vlm::{VlmBatch, forward_shared_prefix, make_batch};
 use crate::{Backend, TrainError};
@@ -76,6 +78,16 @@ pub struct DitStageConfig {
     /// of the last ones (0 = none; the last weights then go out, as before).
     #[serde(default)]
     pub ema_decay: f64,
+    /// Threads a step's batch is split over: each computes the loss and gradients of its
+    /// share on its own copy of the weights, and the gradients are summed before one AdamW
+    /// step. 1 = the whole batch on the calling thread. Recorded because shards draw their
+    /// noise from streams of their own, so a run's numbers depend on it.
+    #[serde(default = "one_shard")]
+    pub shards: usize,
+}
+
+fn one_shard() -> usize {
+    1
 }
 
 fn verifi_on() -> bool {
@@ -152,6 +164,7 @@ impl DitStageConfig {
             foreground_weight: 4.0,
             t_mean: 0.0,
             ema_decay: 0.0,
+            shards: 1,
         }
     }
 
@@ -181,6 +194,7 @@ impl DitStageConfig {
             foreground_weight: 2.0,
             t_mean: 0.0,
             ema_decay: 0.0,
+            shards: 1,
         }
     }
 }
@@ -389,118 +403,201 @@ impl DitStage {
         self.null.dims()[0]
     }
 
-    /// Flow-matching loss of step `k`'s batch.
-    fn loss(&self, k: usize) -> Result<Tensor<1>, TrainError> {
-        let b = self.config.batch;
-        let plain = self.device.clone().inner();
-        let samples: Vec<Sample> = (0..b)
-            .map(|i| sample(mix(self.seed, 0xD1), (k * b + i) as u64, &self.config.mix))
-            .collect();
-        let vlm_batch = make_batch(
-            &samples,
-            &self.frozen.tokenizer,
-            &self.frozen.vlm_config,
-            self.frozen.image_size,
-            &plain,
-        )?;
-        let mut rng = SeededNormal::new(mix(self.seed, 0xD2 + ((k as u64) << 8)));
-        let mut conds = self.frozen.conditions(vlm_batch, self.config.verifi)?;
-        let mut coin = ChaCha8Rng::seed_from_u64(mix(self.seed, 0xD3 + ((k as u64) << 8)));
-        for c in &mut conds {
-            if coin.random::<f32>() < self.config.cond_dropout {
-                *c = self.null.clone();
-            }
+    fn parts(&self) -> Parts<'_> {
+        Parts {
+            config: &self.config,
+            seed: self.seed,
+            device: &self.device,
+            frozen: &self.frozen,
+            null: &self.null,
         }
-        // Pad to one length: [B, L, n, h] and the key mask.
-        let len = conds.iter().map(|c| c.dims()[0]).max().unwrap_or(1);
-        let [_, n_taps, h] = conds[0].dims();
-        let mut valid = Vec::with_capacity(b * len);
-        let padded: Vec<Tensor<4>> = conds
-            .into_iter()
-            .map(|c| {
-                let l = c.dims()[0];
-                valid.extend((0..len).map(|i| i < l));
-                let c = if l < len {
-                    Tensor::cat(vec![c, Tensor::zeros([len - l, n_taps, h], &plain)], 0)
-                } else {
-                    c
-                };
-                c.unsqueeze::<4>()
-            })
-            .collect();
-        let cond = Tensor::cat(padded, 0);
-        let cond = Tensor::<4>::from_data(cond.into_data(), &self.device);
-        let mask = Tensor::<2, Bool>::from_data(TensorData::new(valid, [b, len]), &self.device);
-
-        // Targets: the frozen encoder's latents of the target scenes.
-        // Each target is rendered once: for the encoder and for the foreground weights.
-        let render_config = RenderConfig::with_size(self.frozen.image_size);
-        let rendered = samples
-            .iter()
-            .map(|s| render(&s.target, &render_config))
-            .collect::<Result<Vec<_>, _>>()?;
-        let images = rendered_batch(&rendered, &plain);
-        let z = self
-            .frozen
-            .encoder
-            .encode(images)
-            .map_err(|e| TrainError::Model(e.to_string()))?;
-        let [_, _, lh, lw] = z.dims();
-        let x0 = patchify(z).map_err(|e| TrainError::Model(e.to_string()))?;
-        let x0 = Tensor::<3>::from_data(x0.into_data(), &self.device);
-        let dims = x0.dims();
-        let count: usize = dims.iter().product();
-        let eps: Vec<f32> = (0..count).map(|_| rng.next_f32()).collect();
-        let eps = Tensor::<3>::from_data(TensorData::new(eps, dims), &self.device);
-        let t: Vec<f32> = (0..b)
-            .map(|_| 1.0 / (1.0 + (-(rng.next_f32() + self.config.t_mean)).exp()))
-            .collect();
-        let tt = Tensor::<1>::from_data(TensorData::new(t.clone(), [b]), &self.device);
-        let t3 = tt.clone().reshape([b, 1, 1]);
-        let xt = x0.clone() * (t3.clone().neg() + 1.0) + eps.clone() * t3;
-        let target = eps - x0;
-        let model = self.dit.model();
-        let rope = RopeTable::new(
-            &position_ids(len, lh / 2, lw / 2),
-            model.rope_axes,
-            model.rope_theta,
-            &self.device,
-        );
-        let text = match self.config.pooling {
-            Pooling::Lap => model.encode_text(cond, Some(mask)),
-            Pooling::LastLayer => Ok(last_layer_condition(model, cond, mask)),
-        }
-        .map_err(|e| TrainError::Model(e.to_string()))?;
-        let v = model
-            .forward_with_text(xt, &text, tt, &rope)
-            .map_err(|e| TrainError::Model(e.to_string()))?;
-        let err = (v - target).square().mean_dim(2); // [B, T, 1]
-        if self.config.foreground_weight == 0.0 {
-            return Ok(err.mean());
-        }
-        let tokens = (lh / 2) * (lw / 2);
-        let side = self.frozen.image_size / (lw / 2) as u32;
-        let mut weights = Vec::with_capacity(b * tokens);
-        for (s, img) in samples.iter().zip(&rendered) {
-            let fg = foreground_squares(img, s.target.background(), side)?;
-            if fg.len() != tokens {
-                return Err(TrainError::Model(format!(
-                    "{} foreground squares for {tokens} latent tokens",
-                    fg.len()
-                )));
-            }
-            weights.extend(fg.into_iter().map(|f| {
-                if f {
-                    1.0 + self.config.foreground_weight
-                } else {
-                    1.0
-                }
-            }));
-        }
-        let total: f32 = weights.iter().sum();
-        let w = Tensor::<3>::from_data(TensorData::new(weights, [b, tokens, 1]), &self.device);
-        Ok((err * w).sum() / total)
     }
+
+    /// Loss and gradients of step `k`, the batch split over `shards` threads, each on its own
+    /// detached copy of the weights (`Module::fork`: same parameter ids, separate autodiff
+    /// graphs, so the threads never share a graph lock). Each shard's loss is scaled by
+    /// `1 / shards`, so the summed gradients and losses are those of the mean.
+    fn sharded_grads(&self, k: usize, shards: usize) -> Result<(GradientsParams, f32), TrainError> {
+        let parts = self.parts();
+        let model = self.dit.model();
+        let results: Vec<Result<(GradientsParams, f32), TrainError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..shards)
+                .map(|shard| {
+                    let copy = model.clone().fork(&self.device);
+                    let parts = &parts;
+                    s.spawn(move || {
+                        let loss = shard_loss(parts, &copy, k, shard, shards)? / shards as f32;
+                        let value = scalar(&loss)?;
+                        let grads = GradientsParams::from_grads(loss.backward(), &copy);
+                        Ok((grads, value))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(TrainError::Model("a DiT shard thread panicked".into()))
+                    })
+                })
+                .collect()
+        });
+        let mut sum = GradientsAccumulator::<Krea2Transformer>::new();
+        let mut value = 0.0;
+        for r in results {
+            let (grads, v) = r?;
+            sum.accumulate(model, grads);
+            value += v;
+        }
+        Ok((sum.grads(), value))
+    }
+}
+
+/// What a shard's loss reads besides the weights: shared by the shard threads.
+#[derive(Clone, Copy)]
+struct Parts<'a> {
+    config: &'a DitStageConfig,
+    seed: u64,
+    device: &'a Device,
+    frozen: &'a Frozen,
+    null: &'a Tensor<3>,
+}
+
+/// Flow-matching loss of shard `shard` (of `shards`) of step `k`'s batch under `model`: the
+/// shard's samples are its contiguous share of the batch; its noise, timesteps and condition
+/// dropout come from streams of `(seed, k)` (one shard: the whole batch's own streams, as
+/// before shards existed; several: one stream per shard).
+fn shard_loss(
+    parts: &Parts<'_>,
+    model: &Krea2Transformer,
+    k: usize,
+    shard: usize,
+    shards: usize,
+) -> Result<Tensor<1>, TrainError> {
+    let Parts {
+        config,
+        seed,
+        device,
+        frozen,
+        null,
+    } = *parts;
+    let batch = config.batch;
+    let (first, end) = (shard * batch / shards, (shard + 1) * batch / shards);
+    let b = end - first;
+    let stream = |base: u64| {
+        let s = mix(seed, base + ((k as u64) << 8));
+        if shards == 1 {
+            s
+        } else {
+            mix(s, 1 + shard as u64)
+        }
+    };
+    let plain = device.clone().inner();
+    let samples: Vec<Sample> = (first..end)
+        .map(|i| sample(mix(seed, 0xD1), (k * batch + i) as u64, &config.mix))
+        .collect();
+    let vlm_batch = make_batch(
+        &samples,
+        &frozen.tokenizer,
+        &frozen.vlm_config,
+        frozen.image_size,
+        &plain,
+    )?;
+    let mut rng = SeededNormal::new(stream(0xD2));
+    let mut conds = frozen.conditions(vlm_batch, config.verifi)?;
+    let mut coin = ChaCha8Rng::seed_from_u64(stream(0xD3));
+    for c in &mut conds {
+        if coin.random::<f32>() < config.cond_dropout {
+            *c = null.clone();
+        }
+    }
+    // Pad to one length: [B, L, n, h] and the key mask.
+    let len = conds.iter().map(|c| c.dims()[0]).max().unwrap_or(1);
+    let [_, n_taps, h] = conds[0].dims();
+    let mut valid = Vec::with_capacity(b * len);
+    let padded: Vec<Tensor<4>> = conds
+        .into_iter()
+        .map(|c| {
+            let l = c.dims()[0];
+            valid.extend((0..len).map(|i| i < l));
+            let c = if l < len {
+                Tensor::cat(vec![c, Tensor::zeros([len - l, n_taps, h], &plain)], 0)
+            } else {
+                c
+            };
+            c.unsqueeze::<4>()
+        })
+        .collect();
+    let cond = Tensor::cat(padded, 0);
+    let cond = Tensor::<4>::from_data(cond.into_data(), device);
+    let mask = Tensor::<2, Bool>::from_data(TensorData::new(valid, [b, len]), device);
+
+    // Targets: the frozen encoder's latents of the target scenes.
+    // Each target is rendered once: for the encoder and for the foreground weights.
+    let render_config = RenderConfig::with_size(frozen.image_size);
+    let rendered = samples
+        .iter()
+        .map(|s| render(&s.target, &render_config))
+        .collect::<Result<Vec<_>, _>>()?;
+    let images = rendered_batch(&rendered, &plain);
+    let z = frozen
+        .encoder
+        .encode(images)
+        .map_err(|e| TrainError::Model(e.to_string()))?;
+    let [_, _, lh, lw] = z.dims();
+    let x0 = patchify(z).map_err(|e| TrainError::Model(e.to_string()))?;
+    let x0 = Tensor::<3>::from_data(x0.into_data(), device);
+    let dims = x0.dims();
+    let count: usize = dims.iter().product();
+    let eps: Vec<f32> = (0..count).map(|_| rng.next_f32()).collect();
+    let eps = Tensor::<3>::from_data(TensorData::new(eps, dims), device);
+    let t: Vec<f32> = (0..b)
+        .map(|_| 1.0 / (1.0 + (-(rng.next_f32() + config.t_mean)).exp()))
+        .collect();
+    let tt = Tensor::<1>::from_data(TensorData::new(t.clone(), [b]), device);
+    let t3 = tt.clone().reshape([b, 1, 1]);
+    let xt = x0.clone() * (t3.clone().neg() + 1.0) + eps.clone() * t3;
+    let target = eps - x0;
+    let rope = RopeTable::new(
+        &position_ids(len, lh / 2, lw / 2),
+        model.rope_axes,
+        model.rope_theta,
+        device,
+    );
+    let text = match config.pooling {
+        Pooling::Lap => model.encode_text(cond, Some(mask)),
+        Pooling::LastLayer => Ok(last_layer_condition(model, cond, mask)),
+    }
+    .map_err(|e| TrainError::Model(e.to_string()))?;
+    let v = model
+        .forward_with_text(xt, &text, tt, &rope)
+        .map_err(|e| TrainError::Model(e.to_string()))?;
+    let err = (v - target).square().mean_dim(2); // [B, T, 1]
+    if config.foreground_weight == 0.0 {
+        return Ok(err.mean());
+    }
+    let tokens = (lh / 2) * (lw / 2);
+    let side = frozen.image_size / (lw / 2) as u32;
+    let mut weights = Vec::with_capacity(b * tokens);
+    for (s, img) in samples.iter().zip(&rendered) {
+        let fg = foreground_squares(img, s.target.background(), side)?;
+        if fg.len() != tokens {
+            return Err(TrainError::Model(format!(
+                "{} foreground squares for {tokens} latent tokens",
+                fg.len()
+            )));
+        }
+        weights.extend(fg.into_iter().map(|f| {
+            if f {
+                1.0 + config.foreground_weight
+            } else {
+                1.0
+            }
+        }));
+    }
+    let total: f32 = weights.iter().sum();
+    let w = Tensor::<3>::from_data(TensorData::new(weights, [b, tokens, 1]), device);
+    Ok((err * w).sum() / total)
 }
 
 /// The last tap of `cond` `[B, L, n, h]` through the refiner and `txt_in`, LAP skipped: the
@@ -532,8 +629,13 @@ impl Stage for DitStage {
     }
 
     fn step(&mut self, k: usize) -> Result<(f32, f64), TrainError> {
-        let loss = self.loss(k)?;
-        self.dit.apply(loss, k)
+        let shards = self.config.shards.clamp(1, self.config.batch.max(1));
+        if shards == 1 {
+            let loss = shard_loss(&self.parts(), self.dit.model(), k, 0, 1)?;
+            return self.dit.apply(loss, k);
+        }
+        let (grads, value) = self.sharded_grads(k, shards)?;
+        self.dit.apply_grads(grads, value, k)
     }
 
     fn save(&self, dir: &Path) -> Result<Vec<u64>, TrainError> {
@@ -595,6 +697,47 @@ mod tests {
         Krea2Transformer::load(&config.transformer, &mut map, &device).expect("loads");
         map.finish().expect("every tensor used");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Threads change where a shard's loss is computed, not what it is: a sharded step ends
+    /// where the same shards computed one after another on this thread end, and the shards
+    /// together see the whole batch (a shard of one sample included).
+    #[test]
+    fn a_sharded_step_equals_its_shards_computed_in_turn() {
+        let sharded = |c: &mut DitStageConfig| {
+            c.batch = 3;
+            c.shards = 2;
+        };
+        let mut threaded = tiny_stage(sharded);
+        let mut serial = tiny_stage(sharded);
+        assert_eq!(threaded.tensors(), serial.tensors());
+        for k in 0..2 {
+            threaded.step(k).expect("sharded step");
+
+            let parts = serial.parts();
+            let model = serial.dit.model();
+            let mut sum = GradientsAccumulator::<Krea2Transformer>::new();
+            let mut value = 0.0;
+            for shard in 0..2 {
+                let loss = shard_loss(&parts, model, k, shard, 2).expect("loss") / 2.0;
+                value += scalar(&loss).expect("value");
+                sum.accumulate(model, GradientsParams::from_grads(loss.backward(), model));
+            }
+            serial.dit.apply_grads(sum.grads(), value, k).expect("step");
+        }
+        assert_eq!(threaded.tensors(), serial.tensors());
+
+        // One sample per step and shard: the VLM's shared prefix must still leave every
+        // answer token to its row (it once took the whole one-row sequence).
+        let mut single = tiny_stage(|c| {
+            c.batch = 2;
+            c.shards = 2;
+            c.optim.steps = 2;
+        });
+        for k in 0..2 {
+            let (loss, _) = single.step(k).expect("one-sample shards");
+            assert!(loss.is_finite() && loss > 0.0, "loss {loss}");
+        }
     }
 
     #[test]

@@ -138,12 +138,26 @@ impl<M: Module> Trainable<M> {
         if !value.is_finite() {
             return Err(TrainError::Diverged { step: k + 1, value });
         }
-        let grads = loss.backward();
+        let grads = GradientsParams::from_grads(loss.backward(), self.model());
+        self.apply_grads(grads, value, k)
+    }
+
+    /// One AdamW step at the scheduled rate of step `k` with gradients computed elsewhere
+    /// (keyed by the module's parameter ids, e.g. summed over the shards of a batch); `value`
+    /// is the step's loss, returned with the rate.
+    pub fn apply_grads(
+        &mut self,
+        grads: GradientsParams,
+        value: f32,
+        k: usize,
+    ) -> Result<(f32, f64), TrainError> {
+        if !value.is_finite() {
+            return Err(TrainError::Diverged { step: k + 1, value });
+        }
         let model = self
             .model
             .take()
             .unwrap_or_else(|| unreachable!("the model is present between steps"));
-        let grads = GradientsParams::from_grads(grads, &model);
         let lr = self.config.lr_at(k);
         self.model = Some(self.optim.step(lr, model, grads));
         if let Some(mut ema) = self.ema.take() {

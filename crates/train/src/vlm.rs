@@ -310,6 +310,14 @@ pub fn forward_shared_prefix(
             .unwrap_or(row.len());
         prefix = prefix.min(common).min(image);
     }
+    // Every state a caller reads must be computed per row: the user's text, the position
+    // that predicts the answer's first token and the answer (a batch of one row, or of rows
+    // with one prompt, shares them all otherwise).
+    for (row, &(start, _)) in batch.spans.iter().enumerate() {
+        let user = batch.user_positions.get(row).and_then(|u| u.first());
+        prefix = prefix.min(start.saturating_sub(1));
+        prefix = prefix.min(user.copied().unwrap_or(prefix));
+    }
     // At least one token must be left per row.
     prefix = prefix.min(first.len().saturating_sub(1));
     let model_err = |e: unifusion_model::vlm::VlmError| TrainError::Model(e.to_string());
@@ -586,6 +594,36 @@ mod tests {
                 .fold(0f32, f32::max);
             assert!(worst < 1e-4, "max difference {worst}");
         }
+    }
+
+    /// A batch of one row shares no prefix with another row; the prefix must still stop before
+    /// the user's text and the answer, or their states are never computed per row.
+    #[test]
+    fn a_one_row_batch_keeps_its_prompt_and_answer_out_of_the_prefix() {
+        let corpus = crate::data::text_corpus(2, 100);
+        let json = crate::tokenizer::train_bpe(&corpus, 320).expect("tokenizer");
+        let tok = VlmTokenizer::from_bytes(json.as_bytes()).expect("loads");
+        let config = VlmStageConfig::tiny(320);
+        let device = Device::flex();
+        let (model, _) = init_vlm(&config.vlm, 3, &device).expect("vlm");
+        let mix = TaskMix {
+            caption: 0.0,
+            rewrite: 1.0,
+            edit: 0.0,
+            transfer: 0.0,
+        };
+        let samples = [sample(8, 0, &mix)];
+        let batch = make_batch(&samples, &tok, &config.vlm, 32, &device).expect("batch");
+        let (start, end) = batch.spans[0];
+        let user = batch.user_positions[0][0];
+        let (_, prefix) = forward_shared_prefix(&model, batch, &[]).expect("forward");
+        assert!(
+            prefix > 0 && prefix <= user.min(start - 1),
+            "prefix {prefix}"
+        );
+        let batch = make_batch(&samples, &tok, &config.vlm, 32, &device).expect("batch");
+        let (_, n) = lm_loss(&model, batch, 0.0).expect("loss");
+        assert_eq!(n, end - start, "every answer token is predicted");
     }
 
     fn to_vec(t: Tensor<3>) -> Vec<f32> {
