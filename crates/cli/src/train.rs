@@ -77,6 +77,12 @@ pub struct Args {
     /// settings: the shards draw their own noise.
     #[arg(long)]
     pub dit_shards: Option<usize>,
+    /// As `--dit-shards`, for the VAE stage.
+    #[arg(long)]
+    pub vae_shards: Option<usize>,
+    /// As `--dit-shards`, for the VLM stage (its loss is the same; only the float sums differ).
+    #[arg(long)]
+    pub vlm_shards: Option<usize>,
     /// Override the DiT's peak learning rate (tuning runs).
     #[arg(long)]
     pub dit_lr: Option<f64>,
@@ -178,15 +184,31 @@ pub fn run(args: Args) -> Result<(), CliError> {
         }
         config.dit.batch = b;
     }
-    if let Some(n) = args.dit_shards {
-        if !(1..=config.dit.batch).contains(&n) {
-            return Err(CliError::Usage(format!(
-                "--dit-shards must be 1 to the DiT batch ({})",
-                config.dit.batch
-            )));
-        }
-        config.dit.shards = n;
-    }
+    let shards = |flag: &str, n: Option<usize>, batch: usize, current: usize| match n {
+        Some(n) if !(1..=batch).contains(&n) => Err(CliError::Usage(format!(
+            "--{flag} must be 1 to the stage's batch ({batch})"
+        ))),
+        Some(n) => Ok(n),
+        None => Ok(current),
+    };
+    config.dit.shards = shards(
+        "dit-shards",
+        args.dit_shards,
+        config.dit.batch,
+        config.dit.shards,
+    )?;
+    config.vae.shards = shards(
+        "vae-shards",
+        args.vae_shards,
+        config.vae.batch,
+        config.vae.shards,
+    )?;
+    config.vlm.shards = shards(
+        "vlm-shards",
+        args.vlm_shards,
+        config.vlm.batch,
+        config.vlm.shards,
+    )?;
     if let Some(lr) = args.dit_lr {
         if !(lr.is_finite() && lr > 0.0 && lr < 1.0) {
             return Err(CliError::Usage(

@@ -72,6 +72,8 @@ fn bad_flags_are_one_line_and_exit_2() {
         vec!["train", "--out", o, "--dit-batch", "0"],
         vec!["train", "--out", o, "--dit-shards", "0"],
         vec!["train", "--out", o, "--dit-batch", "4", "--dit-shards", "5"],
+        vec!["train", "--out", o, "--vae-shards", "0"],
+        vec!["train", "--out", o, "--vlm-shards", "999"],
         vec!["train", "--out", o, "--dit-ema", "1"],
         vec!["train", "--out", o, "--dit-lr", "NaN"],
         vec!["train", "--out", o, "--dit-t-mean", "9"],

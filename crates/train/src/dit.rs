@@ -16,8 +16,6 @@
 
 use std::path::Path;
 
-use burn::module::Module;
-use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -38,7 +36,7 @@ use unifusion_world::{RenderConfig, render};
 use crate::data::{Sample, TaskMix, foreground_squares, mix, sample};
 use crate::named::{Init, NamedParams, NamedTensors, Recorder, read_safetensors};
 use crate::tokenizer::IM_END;
-use crate::trainer::{OptimConfig, Stage, Trainable, scalar};
+use crate::trainer::{OptimConfig, Stage, Trainable, is_one_shard, one_shard, shard_range};
 use crate::vae::rendered_batch;
 use crate::vlm::{VlmBatch, forward_shared_prefix, make_batch};
 use crate::{Backend, TrainError};
@@ -82,12 +80,8 @@ pub struct DitStageConfig {
     /// share on its own copy of the weights, and the gradients are summed before one AdamW
     /// step. 1 = the whole batch on the calling thread. Recorded because shards draw their
     /// noise from streams of their own, so a run's numbers depend on it.
-    #[serde(default = "one_shard")]
+    #[serde(default = "one_shard", skip_serializing_if = "is_one_shard")]
     pub shards: usize,
-}
-
-fn one_shard() -> usize {
-    1
 }
 
 fn verifi_on() -> bool {
@@ -403,6 +397,7 @@ impl DitStage {
         self.null.dims()[0]
     }
 
+    #[cfg(test)]
     fn parts(&self) -> Parts<'_> {
         Parts {
             config: &self.config,
@@ -411,45 +406,6 @@ impl DitStage {
             frozen: &self.frozen,
             null: &self.null,
         }
-    }
-
-    /// Loss and gradients of step `k`, the batch split over `shards` threads, each on its own
-    /// detached copy of the weights (`Module::fork`: same parameter ids, separate autodiff
-    /// graphs, so the threads never share a graph lock). Each shard's loss is scaled by
-    /// `1 / shards`, so the summed gradients and losses are those of the mean.
-    fn sharded_grads(&self, k: usize, shards: usize) -> Result<(GradientsParams, f32), TrainError> {
-        let parts = self.parts();
-        let model = self.dit.model();
-        let results: Vec<Result<(GradientsParams, f32), TrainError>> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..shards)
-                .map(|shard| {
-                    let copy = model.clone().fork(&self.device);
-                    let parts = &parts;
-                    s.spawn(move || {
-                        let loss = shard_loss(parts, &copy, k, shard, shards)? / shards as f32;
-                        let value = scalar(&loss)?;
-                        let grads = GradientsParams::from_grads(loss.backward(), &copy);
-                        Ok((grads, value))
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(TrainError::Model("a DiT shard thread panicked".into()))
-                    })
-                })
-                .collect()
-        });
-        let mut sum = GradientsAccumulator::<Krea2Transformer>::new();
-        let mut value = 0.0;
-        for r in results {
-            let (grads, v) = r?;
-            sum.accumulate(model, grads);
-            value += v;
-        }
-        Ok((sum.grads(), value))
     }
 }
 
@@ -482,7 +438,7 @@ fn shard_loss(
         null,
     } = *parts;
     let batch = config.batch;
-    let (first, end) = (shard * batch / shards, (shard + 1) * batch / shards);
+    let (first, end) = shard_range(batch, shard, shards);
     let b = end - first;
     let stream = |base: u64| {
         let s = mix(seed, base + ((k as u64) << 8));
@@ -630,12 +586,24 @@ impl Stage for DitStage {
 
     fn step(&mut self, k: usize) -> Result<(f32, f64), TrainError> {
         let shards = self.config.shards.clamp(1, self.config.batch.max(1));
-        if shards == 1 {
-            let loss = shard_loss(&self.parts(), self.dit.model(), k, 0, 1)?;
-            return self.dit.apply(loss, k);
-        }
-        let (grads, value) = self.sharded_grads(k, shards)?;
-        self.dit.apply_grads(grads, value, k)
+        let parts = Parts {
+            config: &self.config,
+            seed: self.seed,
+            device: &self.device,
+            frozen: &self.frozen,
+            null: &self.null,
+        };
+        let batch = self.config.batch as f32;
+        self.dit
+            .sharded_step(&self.device, k, shards, |model, shard| {
+                let (first, end) = shard_range(self.config.batch, shard, shards);
+                let loss = shard_loss(&parts, model, k, shard, shards)?;
+                Ok(if shards == 1 {
+                    loss
+                } else {
+                    loss * ((end - first) as f32 / batch)
+                })
+            })
     }
 
     fn save(&self, dir: &Path) -> Result<Vec<u64>, TrainError> {
@@ -650,9 +618,10 @@ impl Stage for DitStage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::trainer::run_stage;
+    use crate::trainer::{run_stage, scalar};
     use crate::vae::{VaeStageConfig, init_autoencoder};
     use crate::vlm::{VlmStageConfig, init_vlm};
+    use burn::optim::{GradientsAccumulator, GradientsParams};
     use unifusion_model::pipeline::every_third_layer;
 
     /// The tiny DiT stage over untrained frozen parts (enough to check that the DiT learns).
@@ -719,7 +688,9 @@ mod tests {
             let mut sum = GradientsAccumulator::<Krea2Transformer>::new();
             let mut value = 0.0;
             for shard in 0..2 {
-                let loss = shard_loss(&parts, model, k, shard, 2).expect("loss") / 2.0;
+                let (first, end) = shard_range(3, shard, 2);
+                let share = (end - first) as f32 / 3.0;
+                let loss = shard_loss(&parts, model, k, shard, 2).expect("loss") * share;
                 value += scalar(&loss).expect("value");
                 sum.accumulate(model, GradientsParams::from_grads(loss.backward(), model));
             }

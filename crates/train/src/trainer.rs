@@ -12,8 +12,8 @@ use std::time::Instant;
 
 use burn::grad_clipping::GradientClippingConfig;
 use burn::module::Module;
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
-use burn::tensor::Tensor;
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::TrainError;
@@ -142,6 +142,61 @@ impl<M: Module> Trainable<M> {
         self.apply_grads(grads, value, k)
     }
 
+    /// One AdamW step `k` on a batch split into `shards` parts: `loss(module, shard)` is the
+    /// shard's share of the batch loss (scaled so the shares add up to it). One shard runs
+    /// here on the module itself, exactly as [`Trainable::apply`]; several run on threads of
+    /// their own, each on a copy forked onto `device` (`Module::fork`: the same parameter ids,
+    /// a separate autodiff graph, so no thread waits on another's graph lock), and their
+    /// gradients are summed in shard order, so the result does not depend on thread timing.
+    ///
+    /// On this 2-core machine the ops of one small batch keep about 1.2 cores busy; the
+    /// shards fill the rest (docs/BENCHMARKS.md, "Training steps").
+    pub fn sharded_step<F>(
+        &mut self,
+        device: &Device,
+        k: usize,
+        shards: usize,
+        loss: F,
+    ) -> Result<(f32, f64), TrainError>
+    where
+        F: Fn(&M, usize) -> Result<Tensor<1>, TrainError> + Sync,
+    {
+        if shards <= 1 {
+            let l = loss(self.model(), 0)?;
+            return self.apply(l, k);
+        }
+        let model = self.model();
+        let loss = &loss;
+        let results: Vec<Result<(GradientsParams, f32), TrainError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..shards)
+                .map(|shard| {
+                    let copy = model.clone().fork(device);
+                    s.spawn(move || {
+                        let l = loss(&copy, shard)?;
+                        let value = scalar(&l)?;
+                        Ok((GradientsParams::from_grads(l.backward(), &copy), value))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(TrainError::Model("a shard thread panicked".into()))
+                    })
+                })
+                .collect()
+        });
+        let mut sum = GradientsAccumulator::<M>::new();
+        let mut value = 0.0;
+        for r in results {
+            let (grads, v) = r?;
+            sum.accumulate(model, grads);
+            value += v;
+        }
+        self.apply_grads(sum.grads(), value, k)
+    }
+
     /// One AdamW step at the scheduled rate of step `k` with gradients computed elsewhere
     /// (keyed by the module's parameter ids, e.g. summed over the shards of a batch); `value`
     /// is the step's loss, returned with the rate.
@@ -244,6 +299,21 @@ impl<M: Module> Trainable<M> {
         self.model = Some(self.names.import(model, tensors, None)?);
         Ok(())
     }
+}
+
+/// The contiguous share `[first, end)` of `batch` items that shard `shard` of `shards` takes.
+pub fn shard_range(batch: usize, shard: usize, shards: usize) -> (usize, usize) {
+    (shard * batch / shards, (shard + 1) * batch / shards)
+}
+
+/// Serde default of a stage's `shards`: one (no threads), and left out of `stage.json` when
+/// it is one, so directories trained before shards existed still match their settings.
+pub(crate) fn one_shard() -> usize {
+    1
+}
+
+pub(crate) fn is_one_shard(n: &usize) -> bool {
+    *n == 1
 }
 
 /// The value of a one-element loss.

@@ -19,7 +19,7 @@ use unifusion_world::score::{micro_average, score_scene};
 
 use crate::data::{foreground_squares, image_values, mix, planar_to_rgb, rgb_to_planar, scene};
 use crate::named::{Init, NamedParams, NamedTensors, Recorder};
-use crate::trainer::{OptimConfig, Stage, Trainable};
+use crate::trainer::{OptimConfig, Stage, Trainable, is_one_shard, one_shard, shard_range};
 use crate::{Backend, TrainError};
 use unifusion_world::{RenderConfig, render};
 
@@ -43,6 +43,10 @@ pub struct VaeStageConfig {
     /// image, and small ones are what the plain mean lets blur.
     #[serde(default)]
     pub foreground_weight: f32,
+    /// Threads a step's batch is split over ([`Trainable::sharded_step`]); shards draw the
+    /// latent noise from streams of their own, so it is part of the settings.
+    #[serde(default = "one_shard", skip_serializing_if = "is_one_shard")]
+    pub shards: usize,
 }
 
 impl VaeStageConfig {
@@ -72,6 +76,7 @@ impl VaeStageConfig {
             latent_noise: 0.1,
             latent_l2: 1e-3,
             foreground_weight: 4.0,
+            shards: 1,
         }
     }
 
@@ -99,6 +104,7 @@ impl VaeStageConfig {
             latent_noise: 0.1,
             latent_l2: 1e-3,
             foreground_weight: 2.0,
+            shards: 1,
         }
     }
 
@@ -201,6 +207,79 @@ pub fn image_batch(
     image_batch_of(&scenes, size, device)
 }
 
+/// Training scenes `first..first + count` of the stage's stream, rendered, and with a
+/// foreground weight their per-pixel loss weights.
+fn training_batch(
+    config: &VaeStageConfig,
+    device: &Device,
+    seed: u64,
+    first: usize,
+    count: usize,
+) -> Result<(Tensor<4>, Option<Tensor<4>>), TrainError> {
+    let size = config.image_size;
+    let scenes: Vec<_> = (first..first + count)
+        .map(|i| scene(mix(seed, 0x1A), i as u64))
+        .collect();
+    let render_config = RenderConfig::with_size(size);
+    let images = scenes
+        .iter()
+        .map(|s| render(s, &render_config))
+        .collect::<Result<Vec<_>, _>>()?;
+    let extra = config.foreground_weight;
+    let weights = if extra == 0.0 {
+        None
+    } else {
+        let mut weights = Vec::with_capacity(count * (size * size) as usize);
+        for (s, img) in scenes.iter().zip(&images) {
+            let near = near_objects(&foreground_squares(img, s.background(), 1)?, size);
+            weights.extend(near.into_iter().map(|f| if f { 1.0 + extra } else { 1.0 }));
+        }
+        let s = size as usize;
+        Some(Tensor::<4>::from_data(
+            TensorData::new(weights, [count, 1, s, s]),
+            device,
+        ))
+    };
+    Ok((rendered_batch(&images, device), weights))
+}
+
+/// The reconstruction loss of a batch under `model`: L1 + MSE (weighted per pixel where
+/// `weights` are given) of the decoding of the noised latents, plus the latents' L2 term.
+fn reconstruction_loss(
+    config: &VaeStageConfig,
+    device: &Device,
+    model: &AutoencoderTiny,
+    x: Tensor<4>,
+    weights: Option<Tensor<4>>,
+    noise_seed: u64,
+) -> Result<Tensor<1>, TrainError> {
+    let z = model
+        .encoder
+        .encode(x.clone())
+        .map_err(|e| TrainError::Model(e.to_string()))?;
+    let dims = z.dims();
+    let n: usize = dims.iter().product();
+    let mut rng = SeededNormal::new(noise_seed);
+    let eps: Vec<f32> = (0..n)
+        .map(|_| rng.next_f32() * config.latent_noise)
+        .collect();
+    let eps = Tensor::<4>::from_data(TensorData::new(eps, dims), device);
+    let y = model
+        .decoder
+        .decode(z.clone() + eps)
+        .map_err(|e| TrainError::Model(e.to_string()))?;
+    let diff = y - x;
+    let rec = match weights {
+        None => diff.clone().abs().mean() + diff.square().mean(),
+        Some(w) => {
+            let channels = diff.dims()[1] as f32;
+            let total = w.clone().sum() * channels;
+            ((diff.clone().abs() + diff.square()) * w).sum() / total
+        }
+    };
+    Ok(rec + z.square().mean() * config.latent_l2)
+}
+
 /// The VAE stage.
 pub struct VaeStage {
     /// Settings.
@@ -244,38 +323,21 @@ impl VaeStage {
     }
 
     /// The reconstruction loss of a batch.
+    #[cfg(test)]
     fn loss(
         &self,
         x: Tensor<4>,
         weights: Option<Tensor<4>>,
         noise_seed: u64,
     ) -> Result<Tensor<1>, TrainError> {
-        let model = self.ae.model();
-        let z = model
-            .encoder
-            .encode(x.clone())
-            .map_err(|e| TrainError::Model(e.to_string()))?;
-        let dims = z.dims();
-        let n: usize = dims.iter().product();
-        let mut rng = SeededNormal::new(noise_seed);
-        let eps: Vec<f32> = (0..n)
-            .map(|_| rng.next_f32() * self.config.latent_noise)
-            .collect();
-        let eps = Tensor::<4>::from_data(TensorData::new(eps, dims), &self.device);
-        let y = model
-            .decoder
-            .decode(z.clone() + eps)
-            .map_err(|e| TrainError::Model(e.to_string()))?;
-        let diff = y - x;
-        let rec = match weights {
-            None => diff.clone().abs().mean() + diff.square().mean(),
-            Some(w) => {
-                let channels = diff.dims()[1] as f32;
-                let total = w.clone().sum() * channels;
-                ((diff.clone().abs() + diff.square()) * w).sum() / total
-            }
-        };
-        Ok(rec + z.square().mean() * self.config.latent_l2)
+        reconstruction_loss(
+            &self.config,
+            &self.device,
+            self.ae.model(),
+            x,
+            weights,
+            noise_seed,
+        )
     }
 
     /// The decoder's tensors (`decoder.layers.*`), what the pipeline's `vae.safetensors` holds.
@@ -377,35 +439,22 @@ impl Stage for VaeStage {
 
     fn step(&mut self, k: usize) -> Result<(f32, f64), TrainError> {
         let b = self.config.batch;
-        let size = self.config.image_size;
-        let noise_seed = mix(self.seed, 0x2000 + k as u64);
-        let first = (k * b) as u64;
-        let scenes: Vec<_> = (0..b as u64)
-            .map(|i| scene(mix(self.seed, 0x1A), first + i))
-            .collect();
-        let config = RenderConfig::with_size(size);
-        let images = scenes
-            .iter()
-            .map(|s| render(s, &config))
-            .collect::<Result<Vec<_>, _>>()?;
-        let extra = self.config.foreground_weight;
-        let weights = if extra == 0.0 {
-            None
-        } else {
-            let mut weights = Vec::with_capacity(b * (size * size) as usize);
-            for (s, img) in scenes.iter().zip(&images) {
-                let near = near_objects(&foreground_squares(img, s.background(), 1)?, size);
-                weights.extend(near.into_iter().map(|f| if f { 1.0 + extra } else { 1.0 }));
+        let shards = self.config.shards.clamp(1, b.max(1));
+        let (config, device, seed) = (&self.config, &self.device, self.seed);
+        self.ae.sharded_step(device, k, shards, |model, shard| {
+            let (first, end) = shard_range(b, shard, shards);
+            let (x, w) = training_batch(config, device, seed, k * b + first, end - first)?;
+            let mut noise_seed = mix(seed, 0x2000 + k as u64);
+            if shards > 1 {
+                noise_seed = mix(noise_seed, 1 + shard as u64);
             }
-            let s = size as usize;
-            let shape = [b, 1, s, s];
-            Some(Tensor::<4>::from_data(
-                TensorData::new(weights, shape),
-                &self.device,
-            ))
-        };
-        let loss = self.loss(rendered_batch(&images, &self.device), weights, noise_seed)?;
-        self.ae.apply(loss, k)
+            let loss = reconstruction_loss(config, device, model, x, w, noise_seed)?;
+            Ok(if shards > 1 {
+                loss * ((end - first) as f32 / b as f32)
+            } else {
+                loss
+            })
+        })
     }
 
     fn save(&self, dir: &Path) -> Result<Vec<u64>, TrainError> {
@@ -481,15 +530,28 @@ mod tests {
 
     #[test]
     fn a_resumed_run_ends_where_an_uninterrupted_one_does() {
+        resume_matches(1);
+    }
+
+    /// Threads do not make a run depend on timing: a sharded run resumes bit-identically too.
+    #[test]
+    fn a_resumed_sharded_run_ends_where_an_uninterrupted_one_does() {
+        resume_matches(2);
+    }
+
+    fn resume_matches(shards: usize) {
         let config = VaeStageConfig {
             optim: OptimConfig {
                 steps: 8,
                 ..VaeStageConfig::tiny().optim
             },
+            shards,
             ..VaeStageConfig::tiny()
         };
-        let base =
-            std::env::temp_dir().join(format!("unifusion-resume-test-{}", std::process::id()));
+        let base = std::env::temp_dir().join(format!(
+            "unifusion-resume-test-{}-{shards}",
+            std::process::id()
+        ));
         let _ = std::fs::remove_dir_all(&base);
         let mut whole = VaeStage::new(config.clone(), 9, Backend::Flex).expect("builds");
         let a = run_stage(&mut whole, &base.join("a"), 3, &mut |_| {}).expect("trains");

@@ -13,6 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Mutex;
 
 use burn::module::Module;
 use burn::tensor::activation::log_softmax;
@@ -28,7 +29,7 @@ use unifusion_model::vlm::{InternVl, InternVlConfig, KvCache, TextOutput, VlmErr
 use crate::data::{Sample, TaskMix, mix, sample};
 use crate::named::{Init, NamedParams, NamedTensors, safetensors_bytes};
 use crate::tokenizer::{IM_END, IMG_CONTEXT};
-use crate::trainer::{OptimConfig, Stage, Trainable};
+use crate::trainer::{OptimConfig, Stage, Trainable, is_one_shard, one_shard, shard_range};
 use crate::{Backend, TrainError};
 
 /// The VLM stage's settings.
@@ -51,6 +52,10 @@ pub struct VlmStageConfig {
     /// wrong one.
     #[serde(default)]
     pub label_smoothing: f32,
+    /// Threads a step's batch is split over ([`Trainable::sharded_step`]); each shard's loss
+    /// is weighted by its share of the batch's answer tokens, so the sum is the batch's loss.
+    #[serde(default = "one_shard", skip_serializing_if = "is_one_shard")]
+    pub shards: usize,
 }
 
 fn vlm_config(
@@ -104,6 +109,7 @@ impl VlmStageConfig {
                 transfer: 0.25,
             },
             label_smoothing: 0.1,
+            shards: 1,
         }
     }
 
@@ -128,6 +134,7 @@ impl VlmStageConfig {
                 transfer: 1.0,
             },
             label_smoothing: 0.1,
+            shards: 1,
         }
     }
 }
@@ -518,18 +525,41 @@ impl Stage for VlmStage {
 
     fn step(&mut self, k: usize) -> Result<(f32, f64), TrainError> {
         let b = self.config.batch;
+        let shards = self.config.shards.clamp(1, b.max(1));
+        let (config, device, tokenizer) = (&self.config, &self.device, &self.tokenizer);
         let samples: Vec<Sample> = (0..b)
-            .map(|i| sample(mix(self.seed, 0x5A), (k * b + i) as u64, &self.config.mix))
+            .map(|i| sample(mix(self.seed, 0x5A), (k * b + i) as u64, &config.mix))
             .collect();
-        let batch = make_batch(
-            &samples,
-            &self.tokenizer,
-            &self.config.vlm,
-            self.config.image_size,
-            &self.device,
-        )?;
-        let (loss, _) = lm_loss(self.vlm.model(), batch, self.config.label_smoothing)?;
-        self.vlm.apply(loss, k)
+        let batch_of = |samples: &[Sample]| {
+            make_batch(samples, tokenizer, &config.vlm, config.image_size, device)
+        };
+        if shards == 1 {
+            let batch = batch_of(&samples)?;
+            let (loss, _) = lm_loss(self.vlm.model(), batch, config.label_smoothing)?;
+            return self.vlm.apply(loss, k);
+        }
+        // Every answer token counts once in the batch's mean: a shard's mean is weighted by
+        // its share of the tokens (one prediction per answer token, the prompt's last
+        // position predicting the first).
+        let batches = (0..shards)
+            .map(|shard| {
+                let (first, end) = shard_range(b, shard, shards);
+                batch_of(&samples[first..end])
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let spans = batches.iter().flat_map(|batch| &batch.spans);
+        let total = spans.map(|(start, end)| end - start).sum::<usize>().max(1) as f32;
+        let batches: Vec<Mutex<Option<VlmBatch>>> =
+            batches.into_iter().map(|b| Mutex::new(Some(b))).collect();
+        self.vlm.sharded_step(device, k, shards, |model, shard| {
+            let batch = batches[shard]
+                .lock()
+                .ok()
+                .and_then(|mut b| b.take())
+                .ok_or_else(|| TrainError::Model(format!("shard {shard}'s batch is gone")))?;
+            let (loss, n) = lm_loss(model, batch, config.label_smoothing)?;
+            Ok(loss * (n as f32 / total))
+        })
     }
 
     fn save(&self, dir: &Path) -> Result<Vec<u64>, TrainError> {
@@ -631,6 +661,28 @@ mod tests {
             .convert::<f32>()
             .try_into_vec::<f32>()
             .expect("f32")
+    }
+
+    /// Shards weight their means by their answer tokens, so a sharded step's loss is the
+    /// batch's: rows with answers of different lengths split 1 + 2 included.
+    #[test]
+    fn a_sharded_step_has_the_whole_batch_loss() {
+        let json =
+            crate::tokenizer::train_bpe(&crate::data::text_corpus(2, 100), 320).expect("tokenizer");
+        let loss_with = |shards: usize| {
+            let config = VlmStageConfig {
+                batch: 3,
+                shards,
+                ..VlmStageConfig::tiny(320)
+            };
+            let mut stage = VlmStage::new(config, &json, 4, Backend::Flex).expect("builds");
+            stage.step(0).expect("step").0
+        };
+        let (whole, sharded) = (loss_with(1), loss_with(2));
+        assert!(
+            (whole - sharded).abs() < 1e-5 * whole.abs(),
+            "{whole} against {sharded}"
+        );
     }
 
     #[test]

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Training-step benchmark: seconds per step of the recipe's VAE, VLM and DiT stages with the
+# batch split over 1, 2 and 4 threads (`--vae-shards`, `--vlm-shards`, `--dit-shards`),
+# median of REPEATS runs of STEPS steps each, and the ratio to one thread from the same run.
+#
+#   bash scripts/bench-train.sh RUN [STEPS] [REPEATS] [STAGES]
+#
+# RUN is a finished recipe run (its tokenizer/, and vae/ + vlm/ for the DiT, are copied; the
+# DiT trains on them frozen). STAGES defaults to "vae vlm dit". Uses the built CLI
+# ($UNIFUSION_BIN, or target/debug/unifusion). Time is the training loop's own (the stage's
+# report.json `seconds`, checkpoint writes included; setup and evaluation not).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+
+run="${1:?usage: bench-train.sh RUN [STEPS] [REPEATS] [STAGES]}"
+steps="${2:-30}"
+repeats="${3:-3}"
+stages="${4:-vae vlm dit}"
+bin="${UNIFUSION_BIN:-$CARGO_TARGET_DIR/debug/unifusion}"
+[ -x "$bin" ] || { echo "no CLI at $bin: cargo build -p unifusion-cli first" >&2; exit 1; }
+[ -f "$run/tokenizer/tokenizer.json" ] || { echo "$run has no tokenizer/tokenizer.json" >&2; exit 1; }
+case " $stages " in
+  *" dit "*)
+    for need in vae vlm; do
+      [ -f "$run/$need/report.json" ] || { echo "$run/$need is not a finished stage" >&2; exit 1; }
+    done
+    ;;
+esac
+scratch="$(mktemp -d)"
+trap 'rm -rf "$scratch"' EXIT
+
+median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+
+echo "| stage | threads | s/step (median of $repeats × $steps steps) | speed-up |"
+echo "|---|---:|---:|---:|"
+for stage in $stages; do
+  base=""
+  for shards in 1 2 4; do
+    times=()
+    for r in $(seq "$repeats"); do
+      out="$scratch/$stage-$shards-$r"
+      mkdir -p "$out"
+      cp -r "$run/tokenizer" "$out/"
+      case "$stage" in
+        vae) flags=(--steps "$steps" --vae-shards "$shards") ;;
+        vlm) flags=(--steps "$steps" --vlm-shards "$shards") ;;
+        dit)
+          cp -r "$run/vae" "$run/vlm" "$out/"
+          flags=(--dit-steps "$steps" --dit-shards "$shards")
+          ;;
+        *) echo "unknown stage $stage" >&2; exit 2 ;;
+      esac
+      "$bin" train --out "$out" --stages "$stage" --quiet "${flags[@]}" >/dev/null
+      secs=$(sed -n 's/^  "seconds": \([0-9.]*\).*/\1/p' "$out/$stage/report.json")
+      times+=("$(awk -v s="$secs" -v n="$steps" 'BEGIN {print s / n}')")
+      rm -rf "$out"
+    done
+    m=$(printf '%s\n' "${times[@]}" | median)
+    [ -n "$base" ] || base="$m"
+    printf '| %s | %d | %.3f | %.2f× |\n' "$stage" "$shards" "$m" "$(awk -v b="$base" -v m="$m" 'BEGIN {print b / m}')"
+  done
+done
