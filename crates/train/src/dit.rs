@@ -36,7 +36,9 @@ use unifusion_world::{RenderConfig, render};
 use crate::data::{Sample, TaskMix, foreground_squares, mix, sample};
 use crate::named::{Init, NamedParams, NamedTensors, Recorder, read_safetensors};
 use crate::tokenizer::IM_END;
-use crate::trainer::{OptimConfig, Stage, Trainable, is_one_shard, one_shard, shard_range};
+use crate::trainer::{
+    OptimConfig, Stage, Trainable, batch_share, is_one_shard, one_shard, shard_range, shard_seed,
+};
 use crate::vae::rendered_batch;
 use crate::vlm::{VlmBatch, forward_shared_prefix, make_batch};
 use crate::{Backend, TrainError};
@@ -443,14 +445,7 @@ fn shard_loss(
     let batch = config.batch;
     let (first, end) = shard_range(batch, shard, shards);
     let b = end - first;
-    let stream = |base: u64| {
-        let s = mix(seed, base + ((k as u64) << 8));
-        if shards == 1 {
-            s
-        } else {
-            mix(s, 1 + shard as u64)
-        }
-    };
+    let stream = |base: u64| shard_seed(mix(seed, base + ((k as u64) << 8)), shard, shards);
     let plain = device.clone().inner();
     let samples: Vec<Sample> = (first..end)
         .map(|i| sample(mix(seed, 0xD1), (k * batch + i) as u64, &config.mix))
@@ -596,16 +591,11 @@ impl Stage for DitStage {
             frozen: &self.frozen,
             null: &self.null,
         };
-        let batch = self.config.batch as f32;
+        let batch = self.config.batch;
         self.dit
             .sharded_step(&self.device, k, shards, |model, shard| {
-                let (first, end) = shard_range(self.config.batch, shard, shards);
                 let loss = shard_loss(&parts, model, k, shard, shards)?;
-                Ok(if shards == 1 {
-                    loss
-                } else {
-                    loss * ((end - first) as f32 / batch)
-                })
+                Ok(batch_share(loss, batch, shard, shards))
             })
     }
 
@@ -691,9 +681,8 @@ mod tests {
             let mut sum = GradientsAccumulator::<Krea2Transformer>::new();
             let mut value = 0.0;
             for shard in 0..2 {
-                let (first, end) = shard_range(3, shard, 2);
-                let share = (end - first) as f32 / 3.0;
-                let loss = shard_loss(&parts, model, k, shard, 2).expect("loss") * share;
+                let loss = shard_loss(&parts, model, k, shard, 2).expect("loss");
+                let loss = batch_share(loss, 3, shard, 2);
                 value += scalar(&loss).expect("value");
                 sum.accumulate(model, GradientsParams::from_grads(loss.backward(), model));
             }

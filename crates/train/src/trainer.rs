@@ -306,6 +306,26 @@ pub fn shard_range(batch: usize, shard: usize, shards: usize) -> (usize, usize) 
     (shard * batch / shards, (shard + 1) * batch / shards)
 }
 
+/// The seed of shard `shard`'s own random stream drawn from `seed`; with one shard `seed`
+/// itself, so an unsharded run draws what it drew before shards existed.
+pub fn shard_seed(seed: u64, shard: usize, shards: usize) -> u64 {
+    if shards == 1 {
+        seed
+    } else {
+        crate::data::mix(seed, 1 + shard as u64)
+    }
+}
+
+/// A shard's mean loss weighted by its share of the `batch` items, so the shards' losses add
+/// up to the batch mean; with one shard `loss` unchanged (the graph stays as before shards).
+pub fn batch_share(loss: Tensor<1>, batch: usize, shard: usize, shards: usize) -> Tensor<1> {
+    if shards == 1 {
+        return loss;
+    }
+    let (first, end) = shard_range(batch, shard, shards);
+    loss * ((end - first) as f32 / batch as f32)
+}
+
 /// Serde default of a stage's `shards`: one (no threads), and left out of `stage.json` when
 /// it is one, so directories trained before shards existed still match their settings.
 pub(crate) fn one_shard() -> usize {

@@ -19,7 +19,9 @@ use unifusion_world::score::{micro_average, score_scene};
 
 use crate::data::{foreground_squares, image_values, mix, planar_to_rgb, rgb_to_planar, scene};
 use crate::named::{Init, NamedParams, NamedTensors, Recorder};
-use crate::trainer::{OptimConfig, Stage, Trainable, is_one_shard, one_shard, shard_range};
+use crate::trainer::{
+    OptimConfig, Stage, Trainable, batch_share, is_one_shard, one_shard, shard_range, shard_seed,
+};
 use crate::{Backend, TrainError};
 use unifusion_world::{RenderConfig, render};
 
@@ -444,16 +446,9 @@ impl Stage for VaeStage {
         self.ae.sharded_step(device, k, shards, |model, shard| {
             let (first, end) = shard_range(b, shard, shards);
             let (x, w) = training_batch(config, device, seed, k * b + first, end - first)?;
-            let mut noise_seed = mix(seed, 0x2000 + k as u64);
-            if shards > 1 {
-                noise_seed = mix(noise_seed, 1 + shard as u64);
-            }
+            let noise_seed = shard_seed(mix(seed, 0x2000 + k as u64), shard, shards);
             let loss = reconstruction_loss(config, device, model, x, w, noise_seed)?;
-            Ok(if shards > 1 {
-                loss * ((end - first) as f32 / b as f32)
-            } else {
-                loss
-            })
+            Ok(batch_share(loss, b, shard, shards))
         })
     }
 

@@ -576,14 +576,20 @@ mod tests {
     use super::*;
     use crate::trainer::run_stage;
 
-    #[test]
-    fn shared_prefix_forward_equals_the_plain_forward() {
+    /// A tokenizer of world text, the tiny stage config and an untrained VLM on Flex.
+    fn tiny_vlm() -> (VlmTokenizer, VlmStageConfig, Device, InternVl) {
         let corpus = crate::data::text_corpus(2, 100);
         let json = crate::tokenizer::train_bpe(&corpus, 320).expect("tokenizer");
         let tok = VlmTokenizer::from_bytes(json.as_bytes()).expect("loads");
         let config = VlmStageConfig::tiny(320);
         let device = Device::flex();
         let (model, _) = init_vlm(&config.vlm, 3, &device).expect("vlm");
+        (tok, config, device, model)
+    }
+
+    #[test]
+    fn shared_prefix_forward_equals_the_plain_forward() {
+        let (tok, config, device, model) = tiny_vlm();
         let mix = TaskMix {
             caption: 1.0,
             rewrite: 1.0,
@@ -630,12 +636,7 @@ mod tests {
     /// the user's text and the answer, or their states are never computed per row.
     #[test]
     fn a_one_row_batch_keeps_its_prompt_and_answer_out_of_the_prefix() {
-        let corpus = crate::data::text_corpus(2, 100);
-        let json = crate::tokenizer::train_bpe(&corpus, 320).expect("tokenizer");
-        let tok = VlmTokenizer::from_bytes(json.as_bytes()).expect("loads");
-        let config = VlmStageConfig::tiny(320);
-        let device = Device::flex();
-        let (model, _) = init_vlm(&config.vlm, 3, &device).expect("vlm");
+        let (tok, config, device, model) = tiny_vlm();
         let mix = TaskMix {
             caption: 0.0,
             rewrite: 1.0,
@@ -678,6 +679,24 @@ mod tests {
             let mut stage = VlmStage::new(config, &json, 4, Backend::Flex).expect("builds");
             stage.step(0).expect("step").0
         };
+        // The split only tests the token weighting if rows' answers differ in length: with
+        // 2·n₀ = n₁ + n₂ a per-row weighting would give the same loss.
+        let config = VlmStageConfig::tiny(320);
+        let tok = VlmTokenizer::from_bytes(json.as_bytes()).expect("loads");
+        let samples: Vec<Sample> = (0..3)
+            .map(|i| sample(mix(4, 0x5A), i, &config.mix))
+            .collect();
+        let batch = make_batch(
+            &samples,
+            &tok,
+            &config.vlm,
+            config.image_size,
+            &Device::flex(),
+        )
+        .expect("batch");
+        let n: Vec<usize> = batch.spans.iter().map(|(start, end)| end - start).collect();
+        assert_ne!(2 * n[0], n[1] + n[2], "answer tokens {n:?}");
+
         let (whole, sharded) = (loss_with(1), loss_with(2));
         assert!(
             (whole - sharded).abs() < 1e-5 * whole.abs(),
