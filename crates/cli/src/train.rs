@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressStyle};
+use unifusion_model::generator::ImagePositions;
 use unifusion_train::recipe::{self, RecipeConfig, StageName};
 use unifusion_train::trainer::Progress;
 
@@ -90,12 +91,26 @@ pub struct Args {
     /// (tuning runs; above 0 trains more at high noise).
     #[arg(long, allow_hyphen_values = true)]
     pub dit_t_mean: Option<f32>,
+    /// Where the DiT's RoPE places the VLM's image-token rows: `origin` (with the text) or
+    /// `grid` (on the latent grid, as FLUX Kontext places its context image). The packed
+    /// model records it (`pipeline.image_positions`).
+    #[arg(long, value_enum)]
+    pub dit_image_positions: Option<ImagePositionsArg>,
     /// Stop (checkpointed, resumable) after the first step past this many minutes.
     #[arg(long)]
     pub time_limit_min: Option<f64>,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// `--dit-image-positions`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ImagePositionsArg {
+    /// At the origin, with the text tokens.
+    Origin,
+    /// On the latent grid.
+    Grid,
 }
 
 /// A DiT ablation (issue 8's table).
@@ -224,6 +239,12 @@ pub fn run(args: Args) -> Result<(), CliError> {
             ));
         }
         config.dit.t_mean = m;
+    }
+    if let Some(p) = args.dit_image_positions {
+        config.dit.image_positions = match p {
+            ImagePositionsArg::Origin => ImagePositions::Origin,
+            ImagePositionsArg::Grid => ImagePositions::Grid,
+        };
     }
     for ablation in &args.ablation {
         match ablation {

@@ -11,7 +11,7 @@ use unifusion_model::generator::config::{AutoencoderKlConfig, AutoencoderTinyCon
 use unifusion_model::generator::sampler::{self, Shift};
 use unifusion_model::generator::tiny_vae::TinyDecoder;
 use unifusion_model::generator::vae::AutoencoderKl;
-use unifusion_model::generator::{Krea2Transformer, RandomInit};
+use unifusion_model::generator::{ImagePositions, Krea2Transformer, RandomInit};
 use unifusion_model::pipeline::tasks::{ConditionSchedule, zero_shot_switch_step};
 use unifusion_model::pipeline::{
     Conditioning, Event, Image, Phase, PipelineConfig, PipelineError, Request, Settings, Task,
@@ -298,9 +298,15 @@ fn same_seed_gives_the_same_image_on_flex_and_wgpu() {
             ..settings()
         };
         let latents = p
-            .sample_latents(&ConditionSchedule::Full(text), None, &s, |_| {
-                ControlFlow::Continue(())
-            })
+            .sample_latents(
+                &ConditionSchedule::Full {
+                    cond: text,
+                    image_rows: 0,
+                },
+                None,
+                &s,
+                |_| ControlFlow::Continue(()),
+            )
             .expect("test value");
         floats.push((to_vec(cond.states), to_vec(latents)));
     }
@@ -563,10 +569,12 @@ fn zero_shot_edit_switches_from_image_to_text_tokens_at_the_requested_step() {
         .expect("test value");
     let b = p
         .sample_latents(
-            &ConditionSchedule::Full(
-                p.text_condition(cond.text_part().expect("test value"), &Conditioning::Lap)
+            &ConditionSchedule::Full {
+                cond: p
+                    .text_condition(cond.text_part().expect("test value"), &Conditioning::Lap)
                     .expect("test value"),
-            ),
+                image_rows: 0,
+            },
             None,
             &s,
             |_| ControlFlow::Continue(()),
@@ -592,9 +600,15 @@ fn pipeline_dit_equals_krea2_transformer_on_the_same_tapped_states() {
             .text_condition(cond.states.clone(), &Conditioning::Lap)
             .expect("test value");
         let ours = p
-            .sample_latents(&ConditionSchedule::Full(text), None, &s, |_| {
-                ControlFlow::Continue(())
-            })
+            .sample_latents(
+                &ConditionSchedule::Full {
+                    cond: text,
+                    image_rows: cond.image_tokens,
+                },
+                None,
+                &s,
+                |_| ControlFlow::Continue(()),
+            )
             .expect("test value");
         // ... and what the generator alone makes when fed the same tapped states.
         let t = &p.transformer;
@@ -624,6 +638,31 @@ fn pipeline_dit_equals_krea2_transformer_on_the_same_tapped_states() {
             1e-6,
         );
     }
+}
+
+#[test]
+fn grid_image_positions_move_only_the_image_tokens() {
+    let device = Device::flex();
+    let origin = pipeline(&device, config(), false);
+    let grid = pipeline(
+        &device,
+        PipelineConfig {
+            image_positions: ImagePositions::Grid,
+            ..config()
+        },
+        false,
+    );
+    let s = settings();
+    // Text to image has no image tokens: the layouts agree bit for bit.
+    let a = run(&origin, Task::TextToImage, "a red cube", &[], &s).expect("test value");
+    let b = run(&grid, Task::TextToImage, "a red cube", &[], &s).expect("test value");
+    assert_eq!(a.image.pixels, b.image.pixels);
+    // An edit's image tokens move onto the latent grid: same rewrite, another image.
+    let images = vec![image(40, 30, 1)];
+    let a = run(&origin, Task::Edit, "make it blue", &images, &s).expect("test value");
+    let b = run(&grid, Task::Edit, "make it blue", &images, &s).expect("test value");
+    assert_eq!(a.rewrite_ids, b.rewrite_ids);
+    assert!(max_diff(&a.image.pixels, &b.image.pixels) > 2);
 }
 
 #[test]

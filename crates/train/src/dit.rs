@@ -25,7 +25,7 @@ use unifusion_model::generator::layers::KeyMask;
 use unifusion_model::generator::sampler::SeededNormal;
 use unifusion_model::generator::tiny_vae::{AutoencoderTiny, TinyEncoder};
 use unifusion_model::generator::{
-    Krea2Transformer, RopeTable, TextCondition, patchify, position_ids,
+    ImagePositions, Krea2Transformer, RopeTable, TextCondition, condition_position_ids, patchify,
 };
 use unifusion_model::pipeline::config::VERIFI_SYSTEM_PROMPT;
 use unifusion_model::pipeline::verifi::chat_tokens;
@@ -84,6 +84,15 @@ pub struct DitStageConfig {
     /// noise from streams of their own, so a run's numbers depend on it.
     #[serde(default = "one_shard", skip_serializing_if = "is_one_shard")]
     pub shards: usize,
+    /// Where the image-token condition rows sit in the DiT's RoPE: at the origin with the
+    /// text, or on the latent grid (FLUX Kontext's layout). Exported as the pipeline's
+    /// `image_positions`.
+    #[serde(default, skip_serializing_if = "is_origin")]
+    pub image_positions: ImagePositions,
+}
+
+fn is_origin(p: &ImagePositions) -> bool {
+    *p == ImagePositions::Origin
 }
 
 fn verifi_on() -> bool {
@@ -164,6 +173,7 @@ impl DitStageConfig {
             t_mean: 0.0,
             ema_decay: 0.0,
             shards: 4,
+            image_positions: ImagePositions::Origin,
         }
     }
 
@@ -194,6 +204,7 @@ impl DitStageConfig {
             t_mean: 0.0,
             ema_decay: 0.0,
             shards: 1,
+            image_positions: ImagePositions::Origin,
         }
     }
 }
@@ -458,11 +469,13 @@ fn shard_loss(
         &plain,
     )?;
     let mut rng = SeededNormal::new(stream(0xD2));
+    let mut image_rows: Vec<usize> = vlm_batch.image_positions.iter().map(Vec::len).collect();
     let mut conds = frozen.conditions(vlm_batch, config.verifi)?;
     let mut coin = ChaCha8Rng::seed_from_u64(stream(0xD3));
-    for c in &mut conds {
+    for (c, rows) in conds.iter_mut().zip(&mut image_rows) {
         if coin.random::<f32>() < config.cond_dropout {
             *c = null.clone();
+            *rows = 0;
         }
     }
     // Pad to one length: [B, L, n, h] and the key mask.
@@ -512,12 +525,22 @@ fn shard_loss(
     let t3 = tt.clone().reshape([b, 1, 1]);
     let xt = x0.clone() * (t3.clone().neg() + 1.0) + eps.clone() * t3;
     let target = eps - x0;
-    let rope = RopeTable::new(
-        &position_ids(len, lh / 2, lw / 2),
-        model.rope_axes,
-        model.rope_theta,
-        device,
-    );
+    // One RoPE layout per sample: their image-token rows differ (none for text to image).
+    let layouts: Vec<Vec<[f32; 3]>> = image_rows
+        .iter()
+        .map(|&rows| {
+            condition_position_ids(
+                config.image_positions,
+                rows,
+                frozen.vlm_config.tokens_per_tile(),
+                len,
+                lh / 2,
+                lw / 2,
+            )
+        })
+        .collect();
+    let layouts: Vec<&[[f32; 3]]> = layouts.iter().map(Vec::as_slice).collect();
+    let rope = RopeTable::per_sample(&layouts, model.rope_axes, model.rope_theta, device);
     let text = match config.pooling {
         Pooling::Lap => model.encode_text(cond, Some(mask)),
         Pooling::LastLayer => Ok(last_layer_condition(model, cond, mask)),
@@ -701,6 +724,42 @@ mod tests {
             let (loss, _) = single.step(k).expect("one-sample shards");
             assert!(loss.is_finite() && loss > 0.0, "loss {loss}");
         }
+    }
+
+    /// Grid positions rotate the image-token rows only: after the same two steps on edits the
+    /// weights differ, after two on text to image (no image tokens) they agree bit for bit.
+    #[test]
+    fn grid_image_positions_change_the_training_of_image_conditions_only() {
+        let train = |grid: bool, edit: f32, rewrite: f32| {
+            let mut stage = tiny_stage(|c| {
+                c.cond_dropout = 0.0;
+                c.mix = TaskMix {
+                    caption: 0.0,
+                    rewrite,
+                    edit,
+                    transfer: 0.0,
+                };
+                if grid {
+                    c.image_positions = ImagePositions::Grid;
+                }
+            });
+            for k in 0..2 {
+                stage.step(k).expect("step");
+            }
+            stage.tensors()
+        };
+        let largest_change = |a: &NamedTensors, b: &NamedTensors| {
+            a.iter()
+                .zip(b)
+                .flat_map(|(x, y)| x.2.iter().zip(&y.2).map(|(p, q)| (p - q).abs()))
+                .fold(0.0f32, f32::max)
+        };
+        let edits = largest_change(&train(false, 1.0, 0.0), &train(true, 1.0, 0.0));
+        assert!(
+            edits > 1e-4,
+            "edit-trained weights moved by {edits} at most"
+        );
+        assert_eq!(train(false, 0.0, 1.0), train(true, 0.0, 1.0));
     }
 
     #[test]

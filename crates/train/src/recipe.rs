@@ -150,6 +150,7 @@ impl RecipeConfig {
                 max_rewrite_tokens: self.dit.max_rewrite_tokens,
                 stop_tokens: vec![crate::tokenizer::IM_END],
                 max_tiles: 1,
+                image_positions: self.dit.image_positions,
                 defaults: Some(SampleDefaults {
                     width: self.vae.image_size as usize,
                     height: self.vae.image_size as usize,

@@ -320,6 +320,13 @@ impl Krea2Transformer {
             });
         }
         check_shape("timestep", &timestep.dims(), &[Some(batch)])?;
+        if rope.layouts() != 1 && rope.layouts() != batch {
+            return Err(GeneratorError::Shape {
+                name: "position_ids",
+                got: vec![rope.layouts(), rope.len(), 3],
+                expected: format!("one layout or {batch} (one per sample)"),
+            });
+        }
         if rope.len() != n_text + n_image {
             return Err(GeneratorError::Shape {
                 name: "position_ids",

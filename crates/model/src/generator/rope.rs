@@ -5,6 +5,7 @@
 //! Angles are computed on the host in f64 (as diffusers does) and uploaded once per layout.
 
 use burn::tensor::{Device, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
 
 /// `(t, h, w)` rows for `[text; image]`: text tokens at the origin, image token `(row, col)`
 /// of the `grid_h × grid_w` patch grid at `(0, row, col)`, row-major (Krea 2's
@@ -15,23 +16,86 @@ pub fn position_ids(text_len: usize, grid_h: usize, grid_w: usize) -> Vec<[f32; 
     text.chain(image).collect()
 }
 
-/// The cos/sin tables for one sequence layout, `[seq, head_dim]` each.
+/// Where the DiT places the VLM's image-token condition rows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImagePositions {
+    /// At the origin with the text (Krea 2): where a reference's content lies must be read
+    /// from the states themselves.
+    #[default]
+    Origin,
+    /// On the latent grid (FLUX Kontext's context image): tile `j`'s `s × s` tokens spread
+    /// over the `grid_h × grid_w` latent grid at `t = 1 + j`, each at the centre of the
+    /// latent region it covers, so a reference lines up with the image being made.
+    Grid,
+}
+
+/// `(t, h, w)` rows for `[image tokens; text; image]` when the first `image_rows` condition
+/// rows are image tokens, `tokens_per_tile` (a square, `s²`) per tile: with
+/// [`ImagePositions::Grid`], token `(r, c)` of tile `j` sits at
+/// `(1 + j, (r + ½)·grid_h/s − ½, (c + ½)·grid_w/s − ½)`; everything else as
+/// [`position_ids`].
+pub fn condition_position_ids(
+    layout: ImagePositions,
+    image_rows: usize,
+    tokens_per_tile: usize,
+    text_len: usize,
+    grid_h: usize,
+    grid_w: usize,
+) -> Vec<[f32; 3]> {
+    let mut ids = position_ids(text_len, grid_h, grid_w);
+    let side = (tokens_per_tile as f64).sqrt().round() as usize;
+    if layout == ImagePositions::Origin || side == 0 || side * side != tokens_per_tile {
+        return ids;
+    }
+    let place = |i: usize, grid: usize| ((i as f64 + 0.5) * grid as f64 / side as f64 - 0.5) as f32;
+    for (row, id) in ids.iter_mut().take(image_rows.min(text_len)).enumerate() {
+        let (tile, k) = (row / tokens_per_tile, row % tokens_per_tile);
+        *id = [
+            (1 + tile) as f32,
+            place(k / side, grid_h),
+            place(k % side, grid_w),
+        ];
+    }
+    ids
+}
+
+/// The cos/sin tables for one sequence layout, `[rows, seq, head_dim]` each (`rows` = 1: one
+/// layout for the whole batch; else one per sample).
 #[derive(Clone, Debug)]
 pub struct RopeTable {
     /// `cos(angle)` per channel.
-    cos: Tensor<2>,
+    cos: Tensor<3>,
     /// `sin(angle)` per channel, negated on even channels so that
     /// `rope(x) = x·cos + swap_pairs(x)·sin`.
-    sin_signed: Tensor<2>,
+    sin_signed: Tensor<3>,
 }
 
 impl RopeTable {
     /// Tables for `positions` (one `(t, h, w)` row per token), `axes_dims` summing to the head dim.
     pub fn new(positions: &[[f32; 3]], axes_dims: [usize; 3], theta: f64, device: &Device) -> Self {
+        Self::per_sample(&[positions], axes_dims, theta, device)
+    }
+
+    /// One table per sample of a batch (`layouts` of equal length; one layout = [`Self::new`]).
+    ///
+    /// # Panics
+    /// If `layouts` is empty or its layouts differ in length.
+    pub fn per_sample(
+        layouts: &[&[[f32; 3]]],
+        axes_dims: [usize; 3],
+        theta: f64,
+        device: &Device,
+    ) -> Self {
+        let seq = layouts.first().map_or(0, |l| l.len());
+        assert!(
+            !layouts.is_empty() && layouts.iter().all(|l| l.len() == seq),
+            "RoPE layouts must be one or more of equal length"
+        );
         let head_dim: usize = axes_dims.iter().sum();
-        let mut cos = Vec::with_capacity(positions.len() * head_dim);
-        let mut sin = Vec::with_capacity(positions.len() * head_dim);
-        for pos in positions {
+        let mut cos = Vec::with_capacity(layouts.len() * seq * head_dim);
+        let mut sin = Vec::with_capacity(layouts.len() * seq * head_dim);
+        for pos in layouts.iter().flat_map(|l| l.iter()) {
             for (axis, &dim) in axes_dims.iter().enumerate() {
                 for j in 0..dim / 2 {
                     let freq = 1.0 / theta.powf((2 * j) as f64 / dim as f64);
@@ -42,16 +106,16 @@ impl RopeTable {
                 }
             }
         }
-        let shape = [positions.len(), head_dim];
+        let shape = [layouts.len(), seq, head_dim];
         Self {
             cos: Tensor::from_data(TensorData::new(cos, shape), device),
             sin_signed: Tensor::from_data(TensorData::new(sin, shape), device),
         }
     }
 
-    /// Rows in the table.
+    /// Rows (tokens) in the table.
     pub fn len(&self) -> usize {
-        self.cos.dims()[0]
+        self.cos.dims()[1]
     }
 
     /// Whether the table has no rows.
@@ -59,11 +123,18 @@ impl RopeTable {
         self.len() == 0
     }
 
-    /// Rotates `x` `[batch, seq, heads, head_dim]` (seq = the table's rows).
+    /// Layouts in the table: 1 (shared by the batch) or one per sample.
+    pub fn layouts(&self) -> usize {
+        self.cos.dims()[0]
+    }
+
+    /// Rotates `x` `[batch, seq, heads, head_dim]` (seq = the table's rows; a per-sample table
+    /// has `batch` layouts).
     pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
         let [batch, seq, heads, head_dim] = x.dims();
-        let cos = self.cos.clone().reshape([1, seq, 1, head_dim]);
-        let sin = self.sin_signed.clone().reshape([1, seq, 1, head_dim]);
+        let layouts = self.cos.dims()[0];
+        let cos = self.cos.clone().reshape([layouts, seq, 1, head_dim]);
+        let sin = self.sin_signed.clone().reshape([layouts, seq, 1, head_dim]);
         let swapped = x
             .clone()
             .reshape([batch, seq, heads, head_dim / 2, 2])
@@ -87,5 +158,57 @@ mod tests {
         assert_eq!(ids[4], [0.0, 0.0, 2.0]);
         assert_eq!(ids[5], [0.0, 1.0, 0.0]);
         assert_eq!(ids[7], [0.0, 1.0, 2.0]);
+    }
+
+    #[test]
+    fn grid_positions_spread_each_tile_over_the_latent_grid() {
+        // 2 tiles of 2×2 tokens, 1 text row, a 4×4 latent grid.
+        let ids = condition_position_ids(ImagePositions::Grid, 8, 4, 9, 4, 4);
+        assert_eq!(ids.len(), 9 + 16);
+        assert_eq!(ids[0], [1.0, 0.5, 0.5]);
+        assert_eq!(ids[1], [1.0, 0.5, 2.5]);
+        assert_eq!(ids[2], [1.0, 2.5, 0.5]);
+        assert_eq!(ids[3], [1.0, 2.5, 2.5]);
+        assert_eq!(ids[4], [2.0, 0.5, 0.5]);
+        assert_eq!(ids[8], [0.0, 0.0, 0.0]);
+        assert_eq!(ids[9..], position_ids(9, 4, 4)[9..]);
+        let origin = condition_position_ids(ImagePositions::Origin, 8, 4, 9, 4, 4);
+        assert_eq!(origin, position_ids(9, 4, 4));
+        // A token count that is no square grid keeps the origin.
+        assert_eq!(
+            condition_position_ids(ImagePositions::Grid, 3, 3, 4, 2, 2),
+            position_ids(4, 2, 2)
+        );
+    }
+
+    #[test]
+    fn a_per_sample_table_rotates_each_sample_by_its_own_layout() {
+        let device = Device::flex();
+        let axes = [2, 2, 4];
+        let a = condition_position_ids(ImagePositions::Grid, 4, 4, 5, 2, 2);
+        let b = position_ids(5, 2, 2);
+        let x = Tensor::<4>::random(
+            [2, 9, 1, 8],
+            burn::tensor::Distribution::Normal(0.0, 1.0),
+            &device,
+        );
+        let both = RopeTable::per_sample(&[&a, &b], axes, 100.0, &device).apply(x.clone());
+        assert_eq!(
+            RopeTable::per_sample(&[&a, &b], axes, 100.0, &device).layouts(),
+            2
+        );
+        for (i, layout) in [&a, &b].into_iter().enumerate() {
+            let one = RopeTable::new(layout, axes, 100.0, &device).apply(x.clone().narrow(0, i, 1));
+            let got = both.clone().narrow(0, i, 1);
+            let diff: f32 = (got - one).abs().max().into_scalar();
+            assert!(diff < 1e-6, "sample {i}: {diff}");
+        }
+        // The two layouts differ, so their rotations must too.
+        let diff: f32 = (both.clone().narrow(0, 0, 1)
+            - RopeTable::new(&b, axes, 100.0, &device).apply(x.narrow(0, 0, 1)))
+        .abs()
+        .max()
+        .into_scalar();
+        assert!(diff > 1e-3);
     }
 }

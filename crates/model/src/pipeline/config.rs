@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::Settings;
-use crate::generator::{AutoencoderKlConfig, AutoencoderTinyConfig, Krea2Config};
+use crate::generator::{AutoencoderKlConfig, AutoencoderTinyConfig, ImagePositions, Krea2Config};
 use crate::vlm::InternVlConfig;
 
 /// The VERIFI system prompt: asks the VLM for a description of the *target* image, whatever
@@ -37,6 +37,15 @@ pub struct PipelineConfig {
     /// guidance it was evaluated at). Front ends start from [`PipelineConfig::default_settings`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub defaults: Option<SampleDefaults>,
+    /// Where the DiT places the image-token condition rows: with the text at the origin
+    /// (the default, and every model trained before this field) or on the latent grid. A
+    /// model only works with the layout it was trained with.
+    #[serde(skip_serializing_if = "is_origin")]
+    pub image_positions: ImagePositions,
+}
+
+fn is_origin(p: &ImagePositions) -> bool {
+    *p == ImagePositions::Origin
 }
 
 /// A model's own sampler defaults (`config.json`: `pipeline.defaults`).
@@ -62,6 +71,7 @@ impl Default for PipelineConfig {
             stop_tokens: Vec::new(),
             max_tiles: 10,
             defaults: None,
+            image_positions: ImagePositions::Origin,
         }
     }
 }

@@ -13,7 +13,7 @@ use burn::tensor::{DType, Tensor, TensorData};
 use super::condition::Conditioning;
 use super::verifi::{Image, Tokenize};
 use super::{PipelineError, UniFusion};
-use crate::generator::rope::{RopeTable, position_ids};
+use crate::generator::rope::{RopeTable, condition_position_ids};
 use crate::generator::sampler::{FlowMatchEuler, Scheduler, Shift, seeded_noise};
 use crate::generator::vae::image_to_unit;
 use crate::generator::{TextCondition, patchify, unpatchify};
@@ -273,9 +273,10 @@ impl UniFusion {
                     switch,
                 }
             }
-            _ => ConditionSchedule::Full(
-                self.text_condition(cond.states.clone(), &settings.conditioning)?,
-            ),
+            _ => ConditionSchedule::Full {
+                cond: self.text_condition(cond.states.clone(), &settings.conditioning)?,
+                image_rows: cond.image_tokens,
+            },
         };
         let mut run = self.sampling(&schedule, null.as_ref(), settings)?;
         let total = run.total;
@@ -399,26 +400,32 @@ struct Sampling<'a> {
     total: usize,
     /// The current patchified latents.
     x: Tensor<3>,
-    ropes: HashMap<usize, RopeTable>,
+    /// RoPE tables by (condition rows, image-token rows among them).
+    ropes: HashMap<(usize, usize), RopeTable>,
     /// Latent grid in patches.
     grid: (usize, usize),
     device: burn::tensor::Device,
 }
 
 impl Sampling<'_> {
-    fn rope(&mut self, len: usize) -> RopeTable {
+    /// The table for a condition of `len` rows whose first `image_rows` are image tokens.
+    fn rope(&mut self, len: usize, image_rows: usize) -> RopeTable {
         let (gh, gw) = self.grid;
-        let t = &self.model.transformer;
+        let model = self.model;
+        let t = &model.transformer;
         let device = &self.device;
         self.ropes
-            .entry(len)
+            .entry((len, image_rows))
             .or_insert_with(|| {
-                RopeTable::new(
-                    &position_ids(len, gh, gw),
-                    t.rope_axes,
-                    t.rope_theta,
-                    device,
-                )
+                let ids = condition_position_ids(
+                    model.config.image_positions,
+                    image_rows,
+                    model.tokens_per_tile,
+                    len,
+                    gh,
+                    gw,
+                );
+                RopeTable::new(&ids, t.rope_axes, t.rope_theta, device)
             })
             .clone()
     }
@@ -426,17 +433,17 @@ impl Sampling<'_> {
     /// Step `i` (CFG, Euler): advances `x`; returns the progress and the predicted clean
     /// latents `x − σ·v` (patchified) for a preview.
     fn step(&mut self, i: usize) -> Result<(Progress, Tensor<3>), PipelineError> {
-        let (cond, phase) = self.schedule.at(i);
+        let (cond, image_rows, phase) = self.schedule.at(i);
         let ts = self.scheduler.timestep(i);
         // f32 whatever the precision (the timestep embedding's sinusoids need it).
         let timestep =
             Tensor::<1>::from_data(TensorData::new(vec![ts], [1]), (&self.device, DType::F32));
-        let rope = self.rope(cond.tokens.dims()[1]);
+        let rope = self.rope(cond.tokens.dims()[1], image_rows);
         let t = &self.model.transformer;
         let v = t.forward_with_text(self.x.clone(), cond, timestep.clone(), &rope)?;
         let v = match self.null {
             Some(null) if self.settings.guidance != 1.0 => {
-                let rope = self.rope(null.tokens.dims()[1]);
+                let rope = self.rope(null.tokens.dims()[1], 0);
                 let t = &self.model.transformer;
                 let v_null = t.forward_with_text(self.x.clone(), null, timestep, &rope)?;
                 v_null.clone() + (v - v_null) * self.settings.guidance
@@ -466,7 +473,13 @@ impl Sampling<'_> {
 #[allow(clippy::large_enum_variant)] // one per run, never moved in a loop
 pub enum ConditionSchedule {
     /// The same condition for every step.
-    Full(TextCondition),
+    Full {
+        /// The condition.
+        cond: TextCondition,
+        /// How many of its first rows are image tokens (placed as the model's
+        /// [`crate::generator::ImagePositions`] say).
+        image_rows: usize,
+    },
     /// Image tokens before step `switch`, text tokens from it on.
     Switch {
         /// The image-token condition.
@@ -479,14 +492,14 @@ pub enum ConditionSchedule {
 }
 
 impl ConditionSchedule {
-    /// The condition of step `i` and its phase.
-    pub fn at(&self, i: usize) -> (&TextCondition, Phase) {
+    /// The condition of step `i`, how many of its first rows are image tokens, and its phase.
+    pub fn at(&self, i: usize) -> (&TextCondition, usize, Phase) {
         match self {
-            ConditionSchedule::Full(c) => (c, Phase::Full),
+            ConditionSchedule::Full { cond, image_rows } => (cond, *image_rows, Phase::Full),
             ConditionSchedule::Switch { image, switch, .. } if i < *switch => {
-                (image, Phase::ImageTokens)
+                (image, image.tokens.dims()[1], Phase::ImageTokens)
             }
-            ConditionSchedule::Switch { text, .. } => (text, Phase::TextTokens),
+            ConditionSchedule::Switch { text, .. } => (text, 0, Phase::TextTokens),
         }
     }
 }
