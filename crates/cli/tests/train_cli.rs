@@ -79,6 +79,7 @@ fn bad_flags_are_one_line_and_exit_2() {
         vec!["train", "--out", o, "--dit-t-mean", "9"],
         vec!["train", "--out", o, "--dit-rope-theta", "1"],
         vec!["train", "--out", o, "--dit-foreground-weight", "NaN"],
+        vec!["train", "--out", o, "--dit-image-positions", "diagonal"],
     ] {
         let r = unifusion(&args);
         assert_eq!(r.status.code(), Some(2), "{args:?}");

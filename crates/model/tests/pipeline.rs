@@ -666,6 +666,32 @@ fn grid_image_positions_move_only_the_image_tokens() {
 }
 
 #[test]
+fn image_positions_read_from_config_json_default_to_the_origin() {
+    let old: PipelineConfig = serde_json::from_str(r#"{"max_tiles": 1}"#).expect("parses");
+    assert_eq!(old.image_positions, ImagePositions::Origin);
+    let grid: PipelineConfig =
+        serde_json::from_str(r#"{"image_positions": "grid"}"#).expect("parses");
+    assert_eq!(grid.image_positions, ImagePositions::Grid);
+    // Written back only when it is not the default, so older readers keep reading it.
+    assert!(
+        !serde_json::to_string(&old)
+            .expect("writes")
+            .contains("image_positions")
+    );
+    assert!(
+        serde_json::to_string(&grid)
+            .expect("writes")
+            .contains(r#""image_positions":"grid""#)
+    );
+    let bad = serde_json::from_str::<PipelineConfig>(r#"{"image_positions": "diagonal"}"#);
+    assert!(
+        bad.expect_err("unknown layout")
+            .to_string()
+            .contains("diagonal")
+    );
+}
+
+#[test]
 fn bad_requests_fail_with_a_message_and_cancel_stops() {
     let device = Device::flex();
     let p = pipeline(&device, config(), false);
