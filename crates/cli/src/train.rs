@@ -91,6 +91,10 @@ pub struct Args {
     /// (tuning runs; above 0 trains more at high noise).
     #[arg(long, allow_hyphen_values = true)]
     pub dit_t_mean: Option<f32>,
+    /// The DiT's task weights as `caption,rewrite,edit,transfer` (caption = reconstruction,
+    /// rewrite = text to image; tuning runs; e.g. `0.5,2,2,0.25`).
+    #[arg(long, value_delimiter = ',')]
+    pub dit_mix: Option<Vec<f32>>,
     /// Where the DiT's RoPE places the VLM's image-token rows: `origin` (with the text) or
     /// `grid` (on the latent grid, as FLUX Kontext places its context image). The packed
     /// model records it (`pipeline.image_positions`).
@@ -239,6 +243,21 @@ pub fn run(args: Args) -> Result<(), CliError> {
             ));
         }
         config.dit.t_mean = m;
+    }
+    if let Some(w) = &args.dit_mix {
+        let total: f32 = w.iter().sum();
+        if w.len() != 4 || !w.iter().all(|x| x.is_finite() && *x >= 0.0) || total <= 0.0 {
+            return Err(CliError::Usage(
+                "--dit-mix takes four weights ≥ 0 (caption,rewrite,edit,transfer), not all 0"
+                    .into(),
+            ));
+        }
+        config.dit.mix = unifusion_train::data::TaskMix {
+            caption: w[0],
+            rewrite: w[1],
+            edit: w[2],
+            transfer: w[3],
+        };
     }
     if let Some(p) = args.dit_image_positions {
         config.dit.image_positions = match p {

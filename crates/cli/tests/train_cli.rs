@@ -80,6 +80,9 @@ fn bad_flags_are_one_line_and_exit_2() {
         vec!["train", "--out", o, "--dit-rope-theta", "1"],
         vec!["train", "--out", o, "--dit-foreground-weight", "NaN"],
         vec!["train", "--out", o, "--dit-image-positions", "diagonal"],
+        vec!["train", "--out", o, "--dit-mix", "1,2,-1,0"],
+        vec!["train", "--out", o, "--dit-mix", "0,0,0,0"],
+        vec!["train", "--out", o, "--dit-mix", "1,2"],
     ] {
         let r = unifusion(&args);
         assert_eq!(r.status.code(), Some(2), "{args:?}");
