@@ -87,12 +87,8 @@ pub struct DitStageConfig {
     /// Where the image-token condition rows sit in the DiT's RoPE: at the origin with the
     /// text, or on the latent grid (FLUX Kontext's layout). Exported as the pipeline's
     /// `image_positions`.
-    #[serde(default, skip_serializing_if = "is_origin")]
+    #[serde(default, skip_serializing_if = "ImagePositions::is_origin")]
     pub image_positions: ImagePositions,
-}
-
-fn is_origin(p: &ImagePositions) -> bool {
-    *p == ImagePositions::Origin
 }
 
 fn verifi_on() -> bool {
@@ -525,7 +521,8 @@ fn shard_loss(
     let t3 = tt.clone().reshape([b, 1, 1]);
     let xt = x0.clone() * (t3.clone().neg() + 1.0) + eps.clone() * t3;
     let target = eps - x0;
-    // One RoPE layout per sample: their image-token rows differ (none for text to image).
+    // One RoPE layout per sample: their image-token rows differ (none for text to image);
+    // identical layouts share one table.
     let layouts: Vec<Vec<[f32; 3]>> = image_rows
         .iter()
         .map(|&rows| {

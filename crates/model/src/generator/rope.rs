@@ -30,6 +30,13 @@ pub enum ImagePositions {
     Grid,
 }
 
+impl ImagePositions {
+    /// Whether this is the default layout (serde leaves it out of the configs it writes).
+    pub fn is_origin(&self) -> bool {
+        *self == ImagePositions::Origin
+    }
+}
+
 /// `(t, h, w)` rows for `[image tokens; text; image]` when the first `image_rows` condition
 /// rows are image tokens, `tokens_per_tile` (a square, `s²`) per tile: with
 /// [`ImagePositions::Grid`], token `(r, c)` of tile `j` sits at
@@ -77,7 +84,8 @@ impl RopeTable {
         Self::per_sample(&[positions], axes_dims, theta, device)
     }
 
-    /// One table per sample of a batch (`layouts` of equal length; one layout = [`Self::new`]).
+    /// One table per sample of a batch (`layouts` of equal length). Identical layouts (a batch
+    /// without image tokens, or with them at the origin) make one shared table, as [`Self::new`].
     ///
     /// # Panics
     /// If `layouts` is empty or its layouts differ in length.
@@ -92,6 +100,11 @@ impl RopeTable {
             !layouts.is_empty() && layouts.iter().all(|l| l.len() == seq),
             "RoPE layouts must be one or more of equal length"
         );
+        let layouts = if layouts.iter().all(|l| *l == layouts[0]) {
+            &layouts[..1]
+        } else {
+            layouts
+        };
         let head_dim: usize = axes_dims.iter().sum();
         let mut cos = Vec::with_capacity(layouts.len() * seq * head_dim);
         let mut sin = Vec::with_capacity(layouts.len() * seq * head_dim);
@@ -192,11 +205,13 @@ mod tests {
             burn::tensor::Distribution::Normal(0.0, 1.0),
             &device,
         );
-        let both = RopeTable::per_sample(&[&a, &b], axes, 100.0, &device).apply(x.clone());
+        let table = RopeTable::per_sample(&[&a, &b], axes, 100.0, &device);
+        assert_eq!(table.layouts(), 2);
         assert_eq!(
-            RopeTable::per_sample(&[&a, &b], axes, 100.0, &device).layouts(),
-            2
+            RopeTable::per_sample(&[&b, &b], axes, 100.0, &device).layouts(),
+            1
         );
+        let both = table.apply(x.clone());
         for (i, layout) in [&a, &b].into_iter().enumerate() {
             let one = RopeTable::new(layout, axes, 100.0, &device).apply(x.clone().narrow(0, i, 1));
             let got = both.clone().narrow(0, i, 1);

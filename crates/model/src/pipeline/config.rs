@@ -40,12 +40,8 @@ pub struct PipelineConfig {
     /// Where the DiT places the image-token condition rows: with the text at the origin
     /// (the default, and every model trained before this field) or on the latent grid. A
     /// model only works with the layout it was trained with.
-    #[serde(skip_serializing_if = "is_origin")]
+    #[serde(skip_serializing_if = "ImagePositions::is_origin")]
     pub image_positions: ImagePositions,
-}
-
-fn is_origin(p: &ImagePositions) -> bool {
-    *p == ImagePositions::Origin
 }
 
 /// A model's own sampler defaults (`config.json`: `pipeline.defaults`).
