@@ -100,6 +100,11 @@ pub struct Args {
     /// model records it (`pipeline.image_positions`).
     #[arg(long, value_enum)]
     pub dit_image_positions: Option<ImagePositionsArg>,
+    /// Edits and transfers also weigh the DiT's loss on the latent tokens where the target
+    /// differs from the input image (a removed object's place), not only on the target's
+    /// objects (tuning runs; needs a foreground weight above 0).
+    #[arg(long)]
+    pub dit_weight_changes: bool,
     /// Stop (checkpointed, resumable) after the first step past this many minutes.
     #[arg(long)]
     pub time_limit_min: Option<f64>,
@@ -275,6 +280,14 @@ pub fn run(args: Args) -> Result<(), CliError> {
             }
             Ablation::PlainLoss => config.dit.foreground_weight = 0.0,
         }
+    }
+    if args.dit_weight_changes {
+        if config.dit.foreground_weight == 0.0 {
+            return Err(CliError::Usage(
+                "--dit-weight-changes needs a foreground weight above 0".into(),
+            ));
+        }
+        config.dit.weight_changes = true;
     }
     let stages: Vec<StageName> = if args.stages.is_empty() {
         StageName::ALL.to_vec()

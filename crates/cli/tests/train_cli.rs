@@ -83,6 +83,14 @@ fn bad_flags_are_one_line_and_exit_2() {
         vec!["train", "--out", o, "--dit-mix", "1,2,-1,0"],
         vec!["train", "--out", o, "--dit-mix", "0,0,0,0"],
         vec!["train", "--out", o, "--dit-mix", "1,2"],
+        vec![
+            "train",
+            "--out",
+            o,
+            "--dit-weight-changes",
+            "--ablation",
+            "plain-loss",
+        ],
     ] {
         let r = unifusion(&args);
         assert_eq!(r.status.code(), Some(2), "{args:?}");

@@ -83,6 +83,38 @@ pub fn foreground_squares(
     Ok(squares)
 }
 
+/// Which `token × token`-pixel squares differ between two rendered square images of one size
+/// (row-major): where an edit changed the picture (a removed object's place, a recoloured
+/// object, everything when the background changed).
+pub fn changed_squares(
+    before: &image::RgbImage,
+    after: &image::RgbImage,
+    token: u32,
+) -> Result<Vec<bool>, TrainError> {
+    let size = after.width();
+    if token == 0 || !size.is_multiple_of(token) || after.height() != size {
+        return Err(TrainError::Model(format!(
+            "a {size}×{}-px image does not split into {token}-px squares",
+            after.height()
+        )));
+    }
+    if before.dimensions() != after.dimensions() {
+        return Err(TrainError::Model(format!(
+            "a {}×{}-px image against a {size}×{size}-px one",
+            before.width(),
+            before.height()
+        )));
+    }
+    let n = (size / token) as usize;
+    let mut squares = vec![false; n * n];
+    for ((x, y, a), b) in after.enumerate_pixels().zip(before.pixels()) {
+        if a != b {
+            squares[(y / token) as usize * n + (x / token) as usize] = true;
+        }
+    }
+    Ok(squares)
+}
+
 /// RGB8 row-major → `[3][h][w]` in [−1, 1].
 pub fn rgb_to_planar(rgb: &[u8], size: usize) -> Vec<f32> {
     let mut out = vec![0.0; 3 * size * size];
@@ -269,6 +301,23 @@ pub fn text_corpus(seed: u64, n: u64) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn changed_squares_mark_exactly_the_squares_that_differ() {
+        let before = image::RgbImage::from_pixel(8, 8, image::Rgb([10, 20, 30]));
+        let mut after = before.clone();
+        after.put_pixel(5, 1, image::Rgb([10, 20, 31]));
+        after.put_pixel(0, 7, image::Rgb([0, 0, 0]));
+        let changed = changed_squares(&before, &after, 4).expect("splits");
+        assert_eq!(changed, vec![false, true, true, false]);
+        assert_eq!(
+            changed_squares(&before, &before, 2).expect("splits"),
+            vec![false; 16]
+        );
+        assert!(changed_squares(&before, &after, 3).is_err());
+        let small = image::RgbImage::new(4, 4);
+        assert!(changed_squares(&small, &after, 4).is_err());
+    }
 
     #[test]
     fn foreground_squares_mark_exactly_the_object_squares() {

@@ -10,8 +10,9 @@
 //!
 //! Flow matching: `t = σ(n)`, `n ~ N(0, 1)` (logit-normal), `x_t = (1 − t)·z + t·ε`, target
 //! `ε − z`, MSE over patchified latents, each latent token's error weighted `1 +
-//! foreground_weight` where the target has object pixels (1 elsewhere), normalised by the
-//! weights' sum. Tasks: text-to-image (a user phrasing),
+//! foreground_weight` where the target has object pixels (with `weight_changes`, for edits and
+//! transfers also where the target differs from the first input; 1 elsewhere), normalised by
+//! the weights' sum. Tasks: text-to-image (a user phrasing),
 //! reconstruction (one image, no text: the caption task), edits and two-image transfers.
 
 use std::path::Path;
@@ -33,7 +34,7 @@ use unifusion_model::vlm::processor::VlmTokenizer;
 use unifusion_model::vlm::{GenerateOptions, InternVl, InternVlConfig};
 use unifusion_world::{RenderConfig, render};
 
-use crate::data::{Sample, TaskMix, foreground_squares, mix, sample};
+use crate::data::{Sample, TaskMix, TextTask, changed_squares, foreground_squares, mix, sample};
 use crate::named::{Init, NamedParams, NamedTensors, Recorder, read_safetensors};
 use crate::tokenizer::IM_END;
 use crate::trainer::{
@@ -89,6 +90,12 @@ pub struct DitStageConfig {
     /// `image_positions`.
     #[serde(default, skip_serializing_if = "ImagePositions::is_origin")]
     pub image_positions: ImagePositions,
+    /// Edits and transfers also weigh `1 + foreground_weight` on the latent tokens where the
+    /// target differs from the first input image, not only on the target's objects: a
+    /// removed object's place is background in the target, so the target-only weighting
+    /// spends the least on the one region a removal changes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub weight_changes: bool,
 }
 
 fn verifi_on() -> bool {
@@ -170,6 +177,7 @@ impl DitStageConfig {
             ema_decay: 0.0,
             shards: 4,
             image_positions: ImagePositions::Origin,
+            weight_changes: false,
         }
     }
 
@@ -201,6 +209,7 @@ impl DitStageConfig {
             ema_decay: 0.0,
             shards: 1,
             image_positions: ImagePositions::Origin,
+            weight_changes: false,
         }
     }
 }
@@ -554,7 +563,14 @@ fn shard_loss(
     let side = frozen.image_size / (lw / 2) as u32;
     let mut weights = Vec::with_capacity(b * tokens);
     for (s, img) in samples.iter().zip(&rendered) {
-        let fg = foreground_squares(img, s.target.background(), side)?;
+        let mut fg = foreground_squares(img, s.target.background(), side)?;
+        let edited = matches!(s.task, TextTask::Edit | TextTask::Transfer);
+        if config.weight_changes && edited {
+            let before = render(&s.inputs[0], &render_config)?;
+            for (f, c) in fg.iter_mut().zip(changed_squares(&before, img, side)?) {
+                *f |= c;
+            }
+        }
         if fg.len() != tokens {
             return Err(TrainError::Model(format!(
                 "{} foreground squares for {tokens} latent tokens",
@@ -756,6 +772,30 @@ mod tests {
             edits > 1e-4,
             "edit-trained weights moved by {edits} at most"
         );
+        assert_eq!(train(false, 0.0, 1.0), train(true, 0.0, 1.0));
+    }
+
+    /// Change weighting reaches edits (a removal's or a move's old place) and leaves text to
+    /// image bit-identical: it has no input image to compare with.
+    #[test]
+    fn weighting_changes_moves_edit_training_only() {
+        let train = |changes: bool, edit: f32, rewrite: f32| {
+            let mut stage = tiny_stage(|c| {
+                c.cond_dropout = 0.0;
+                c.mix = TaskMix {
+                    caption: 0.0,
+                    rewrite,
+                    edit,
+                    transfer: 0.0,
+                };
+                c.weight_changes = changes;
+            });
+            for k in 0..2 {
+                stage.step(k).expect("step");
+            }
+            stage.tensors()
+        };
+        assert_ne!(train(false, 1.0, 0.0), train(true, 1.0, 0.0));
         assert_eq!(train(false, 0.0, 1.0), train(true, 0.0, 1.0));
     }
 
