@@ -105,6 +105,11 @@ pub struct Args {
     /// objects (tuning runs; needs a foreground weight above 0).
     #[arg(long)]
     pub dit_weight_changes: bool,
+    /// Override the VLM's `downsample_ratio` (tuning runs): 1 keeps every 8-px patch as an
+    /// image token (64 tokens for a 64-px image) where the recipe's 0.5 merges 2 × 2 patches
+    /// (16 tokens). Later stages read it too: give it to every call on that run.
+    #[arg(long)]
+    pub vlm_downsample_ratio: Option<f64>,
     /// Stop (checkpointed, resumable) after the first step past this many minutes.
     #[arg(long)]
     pub time_limit_min: Option<f64>,
@@ -263,6 +268,14 @@ pub fn run(args: Args) -> Result<(), CliError> {
             edit: w[2],
             transfer: w[3],
         };
+    }
+    if let Some(r) = args.vlm_downsample_ratio {
+        config.vlm.vlm.downsample_ratio = r;
+        config
+            .vlm
+            .vlm
+            .validate()
+            .map_err(|e| CliError::Usage(format!("--vlm-downsample-ratio {r}: {e}")))?;
     }
     if let Some(p) = args.dit_image_positions {
         config.dit.image_positions = match p {

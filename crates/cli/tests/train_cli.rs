@@ -61,6 +61,37 @@ fn tiny_tokenizer_and_vae_stages_write_their_files_and_resume() {
     let _ = std::fs::remove_dir_all(&out);
 }
 
+/// `--vlm-downsample-ratio 1`: the tiny VLM trains with one image token per patch and its
+/// recipe record says so (a resume with the same flag skips it, as any finished stage).
+#[test]
+fn the_vlm_downsample_ratio_reaches_the_vlm_stage() {
+    let out = scratch("ratio");
+    let o = out.to_str().expect("utf-8 path");
+    let args = [
+        "train",
+        "--out",
+        o,
+        "--tiny",
+        "--stages",
+        "tokenizer,vlm",
+        "--vlm-downsample-ratio",
+        "1",
+        "--quiet",
+    ];
+    let first = unifusion(&args);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let stage: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("vlm/stage.json")).expect("stage.json"),
+    )
+    .expect("json");
+    assert_eq!(stage["vlm"]["vlm"]["downsample_ratio"], 1.0);
+    let _ = std::fs::remove_dir_all(&out);
+}
+
 #[test]
 fn bad_flags_are_one_line_and_exit_2() {
     let out = scratch("bad");
@@ -91,6 +122,8 @@ fn bad_flags_are_one_line_and_exit_2() {
             "--ablation",
             "plain-loss",
         ],
+        vec!["train", "--out", o, "--vlm-downsample-ratio", "0.3"],
+        vec!["train", "--out", o, "--vlm-downsample-ratio", "NaN"],
     ] {
         let r = unifusion(&args);
         assert_eq!(r.status.code(), Some(2), "{args:?}");
