@@ -11,6 +11,13 @@ fn unifusion(args: &[&str]) -> Output {
         .expect("run unifusion")
 }
 
+/// `unifusion ARGS`, which must succeed (its stderr is the failure message).
+fn succeeds(args: &[&str]) -> Output {
+    let r = unifusion(args);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    r
+}
+
 fn scratch(name: &str) -> PathBuf {
     let dir =
         std::env::temp_dir().join(format!("unifusion-train-cli-{}-{name}", std::process::id()));
@@ -31,12 +38,7 @@ fn tiny_tokenizer_and_vae_stages_write_their_files_and_resume() {
         "tokenizer,vae",
         "--quiet",
     ];
-    let first = unifusion(&args);
-    assert!(
-        first.status.success(),
-        "{}",
-        String::from_utf8_lossy(&first.stderr)
-    );
+    succeeds(&args);
     for file in [
         "recipe.json",
         "tokenizer/tokenizer.json",
@@ -51,8 +53,7 @@ fn tiny_tokenizer_and_vae_stages_write_their_files_and_resume() {
         assert!(out.join(file).exists(), "{file} missing");
     }
     let report = std::fs::read_to_string(out.join("vae/report.json")).expect("report");
-    let second = unifusion(&args);
-    assert!(second.status.success());
+    succeeds(&args);
     // Finished stages are skipped: the report is untouched.
     assert_eq!(
         std::fs::read_to_string(out.join("vae/report.json")).expect("report"),
@@ -62,7 +63,7 @@ fn tiny_tokenizer_and_vae_stages_write_their_files_and_resume() {
 }
 
 /// `--vlm-downsample-ratio 1`: the tiny VLM trains with one image token per patch and its
-/// recipe record says so (a resume with the same flag skips it, as any finished stage).
+/// stage record says so.
 #[test]
 fn the_vlm_downsample_ratio_reaches_the_vlm_stage() {
     let out = scratch("ratio");
@@ -78,12 +79,7 @@ fn the_vlm_downsample_ratio_reaches_the_vlm_stage() {
         "1",
         "--quiet",
     ];
-    let first = unifusion(&args);
-    assert!(
-        first.status.success(),
-        "{}",
-        String::from_utf8_lossy(&first.stderr)
-    );
+    succeeds(&args);
     let stage: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(out.join("vlm/stage.json")).expect("stage.json"),
     )

@@ -58,13 +58,9 @@ pub fn image_values(scene: &Scene, size: u32) -> Result<Vec<f32>, TrainError> {
     Ok(rgb_to_planar(img.as_raw(), size as usize))
 }
 
-/// Which `token × token`-pixel squares of a rendered square image (row-major) hold any
-/// object pixel, i.e. any pixel that is not the `background` colour.
-pub fn foreground_squares(
-    img: &image::RgbImage,
-    background: Background,
-    token: u32,
-) -> Result<Vec<bool>, TrainError> {
+/// How many `token`-px squares a square image has per side; an error if it is not square or
+/// `token` does not divide it.
+fn squares_per_side(img: &image::RgbImage, token: u32) -> Result<usize, TrainError> {
     let size = img.width();
     if token == 0 || !size.is_multiple_of(token) || img.height() != size {
         return Err(TrainError::Model(format!(
@@ -72,8 +68,18 @@ pub fn foreground_squares(
             img.height()
         )));
     }
+    Ok((size / token) as usize)
+}
+
+/// Which `token × token`-pixel squares of a rendered square image (row-major) hold any
+/// object pixel, i.e. any pixel that is not the `background` colour.
+pub fn foreground_squares(
+    img: &image::RgbImage,
+    background: Background,
+    token: u32,
+) -> Result<Vec<bool>, TrainError> {
+    let n = squares_per_side(img, token)?;
     let bg = background.rgb();
-    let n = (size / token) as usize;
     let mut squares = vec![false; n * n];
     for (x, y, px) in img.enumerate_pixels() {
         if px.0 != bg {
@@ -91,21 +97,16 @@ pub fn changed_squares(
     after: &image::RgbImage,
     token: u32,
 ) -> Result<Vec<bool>, TrainError> {
-    let size = after.width();
-    if token == 0 || !size.is_multiple_of(token) || after.height() != size {
+    let n = squares_per_side(after, token)?;
+    if before.dimensions() != after.dimensions() {
         return Err(TrainError::Model(format!(
-            "a {size}×{}-px image does not split into {token}-px squares",
+            "a {}×{}-px image against a {}×{}-px one",
+            before.width(),
+            before.height(),
+            after.width(),
             after.height()
         )));
     }
-    if before.dimensions() != after.dimensions() {
-        return Err(TrainError::Model(format!(
-            "a {}×{}-px image against a {size}×{size}-px one",
-            before.width(),
-            before.height()
-        )));
-    }
-    let n = (size / token) as usize;
     let mut squares = vec![false; n * n];
     for ((x, y, a), b) in after.enumerate_pixels().zip(before.pixels()) {
         if a != b {

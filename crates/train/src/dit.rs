@@ -739,27 +739,35 @@ mod tests {
         }
     }
 
+    /// The tiny stage's weights after 2 steps without condition dropout on a mix of edits and
+    /// text to image only, with `tweak` applied to its config.
+    fn two_steps(edit: f32, rewrite: f32, tweak: impl FnOnce(&mut DitStageConfig)) -> NamedTensors {
+        let mut stage = tiny_stage(|c| {
+            c.cond_dropout = 0.0;
+            c.mix = TaskMix {
+                caption: 0.0,
+                rewrite,
+                edit,
+                transfer: 0.0,
+            };
+            tweak(c);
+        });
+        for k in 0..2 {
+            stage.step(k).expect("step");
+        }
+        stage.tensors()
+    }
+
     /// Grid positions rotate the image-token rows only: after the same two steps on edits the
     /// weights differ, after two on text to image (no image tokens) they agree bit for bit.
     #[test]
     fn grid_image_positions_change_the_training_of_image_conditions_only() {
         let train = |grid: bool, edit: f32, rewrite: f32| {
-            let mut stage = tiny_stage(|c| {
-                c.cond_dropout = 0.0;
-                c.mix = TaskMix {
-                    caption: 0.0,
-                    rewrite,
-                    edit,
-                    transfer: 0.0,
-                };
+            two_steps(edit, rewrite, |c| {
                 if grid {
                     c.image_positions = ImagePositions::Grid;
                 }
-            });
-            for k in 0..2 {
-                stage.step(k).expect("step");
-            }
-            stage.tensors()
+            })
         };
         let largest_change = |a: &NamedTensors, b: &NamedTensors| {
             a.iter()
@@ -780,20 +788,7 @@ mod tests {
     #[test]
     fn weighting_changes_moves_edit_training_only() {
         let train = |changes: bool, edit: f32, rewrite: f32| {
-            let mut stage = tiny_stage(|c| {
-                c.cond_dropout = 0.0;
-                c.mix = TaskMix {
-                    caption: 0.0,
-                    rewrite,
-                    edit,
-                    transfer: 0.0,
-                };
-                c.weight_changes = changes;
-            });
-            for k in 0..2 {
-                stage.step(k).expect("step");
-            }
-            stage.tensors()
+            two_steps(edit, rewrite, |c| c.weight_changes = changes)
         };
         assert_ne!(train(false, 1.0, 0.0), train(true, 1.0, 0.0));
         assert_eq!(train(false, 0.0, 1.0), train(true, 0.0, 1.0));
