@@ -105,6 +105,11 @@ pub struct Args {
     /// objects (tuning runs; needs a foreground weight above 0).
     #[arg(long)]
     pub dit_weight_changes: bool,
+    /// Train the DiT on latents shifted and scaled to mean 0, standard deviation 1 (measured
+    /// on the frozen encoder at the stage's start); the packed VAE config carries the two
+    /// factors (`scaling_factor`, `shift_factor`) and the pipeline undoes them.
+    #[arg(long)]
+    pub dit_normalize_latents: bool,
     /// Override the VLM's `downsample_ratio` (tuning runs): 1 keeps every 8-px patch as an
     /// image token (64 tokens for a 64-px image) where the recipe's 0.5 merges 2 × 2 patches
     /// (16 tokens). Later stages read it too: give it to every call on that run.
@@ -302,6 +307,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
         }
         config.dit.weight_changes = true;
     }
+    config.dit.normalize_latents |= args.dit_normalize_latents;
     let stages: Vec<StageName> = if args.stages.is_empty() {
         StageName::ALL.to_vec()
     } else {

@@ -88,6 +88,56 @@ fn the_vlm_downsample_ratio_reaches_the_vlm_stage() {
     let _ = std::fs::remove_dir_all(&out);
 }
 
+/// `--dit-normalize-latents`: the whole tiny recipe trains its DiT on normalized latents, the
+/// model directory's VAE config carries the measured factors (also after a second call that
+/// skips every stage), and `generate` reads that model.
+#[test]
+fn normalized_latents_reach_the_model_config_and_generate_reads_it() {
+    let out = scratch("norm");
+    let o = out.to_str().expect("utf-8 path");
+    let args = [
+        "train",
+        "--out",
+        o,
+        "--tiny",
+        "--dit-normalize-latents",
+        "--quiet",
+    ];
+    succeeds(&args);
+    let read = |file: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(out.join(file)).expect(file)).expect("json")
+    };
+    let norm = read("dit/latent_norm.json");
+    let scale = norm["scale"].as_f64().expect("scale");
+    assert!(
+        scale.is_finite() && scale > 0.0 && scale != 1.0,
+        "scale {scale}"
+    );
+    let vae = &read("model/config.json")["vae"]["config"];
+    assert_eq!(vae["scaling_factor"], norm["scale"]);
+    assert_eq!(vae["shift_factor"], norm["shift"]);
+    assert_eq!(read("dit/stage.json")["dit"]["normalize_latents"], true);
+    assert_eq!(read("dit/report.json")["details"]["latent_norm"], norm);
+    succeeds(&args);
+    assert_eq!(&read("model/config.json")["vae"]["config"], vae);
+    let png = out.join("image.png");
+    let model = out.join("model");
+    succeeds(&[
+        "generate",
+        "--model",
+        model.to_str().expect("utf-8"),
+        "--prompt",
+        "a red star",
+        "--steps",
+        "2",
+        "--out",
+        png.to_str().expect("utf-8"),
+        "--quiet",
+    ]);
+    assert!(image::open(&png).is_ok(), "generate wrote no image");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
 #[test]
 fn bad_flags_are_one_line_and_exit_2() {
     let out = scratch("bad");

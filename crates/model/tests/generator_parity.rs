@@ -276,6 +276,51 @@ fn tiny_vae_matches_diffusers() {
     }
 }
 
+/// A tiny VAE with `scaling_factor` / `shift_factor` decodes pipeline latents `s · (z − m)`
+/// to what the unscaled decoder makes of `z` (diffusers: `z / s + m` before `decode`).
+#[test]
+fn tiny_vae_unscales_pipeline_latents_by_its_config() {
+    let mut cfg: AutoencoderTinyConfig = config("tiny_vae");
+    let io = tensors("tiny_vae", "inputs.safetensors");
+    let device = Device::flex();
+    let plain = AutoencoderTiny::load(
+        &cfg,
+        &mut weights("tiny_vae", "weights.safetensors"),
+        &device,
+    )
+    .expect("tiny vae loads");
+    let raw = tensor::<4>(&io, "latents", &device);
+    assert_eq!(
+        values(plain.decoder.unscale_latents(raw.clone())),
+        values(raw.clone()),
+        "1 and 0 leave latents alone"
+    );
+    (cfg.scaling_factor, cfg.shift_factor) = (2.5, -0.4);
+    let scaled = AutoencoderTiny::load(
+        &cfg,
+        &mut weights("tiny_vae", "weights.safetensors"),
+        &device,
+    )
+    .expect("scaled tiny vae loads");
+    let want = plain.decoder.decode(raw.clone()).expect("decode");
+    let got = scaled
+        .decoder
+        .decode(scaled.decoder.unscale_latents((raw + 0.4) * 2.5))
+        .expect("decode");
+    let (_, a) = values(got);
+    let (_, b) = values(want);
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-4, "scaled decode differs by {worst}");
+    for (s, m) in [(0.0, 0.0), (f64::NAN, 0.0), (1.0, f64::INFINITY)] {
+        (cfg.scaling_factor, cfg.shift_factor) = (s, m);
+        assert!(cfg.validate().is_err(), "scaling {s}, shift {m} accepted");
+    }
+}
+
 #[test]
 fn sampler_schedule_matches_flow_match_euler() {
     let text = std::fs::read_to_string(dir("").join("scheduler.json")).expect("scheduler.json");

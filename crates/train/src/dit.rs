@@ -96,6 +96,89 @@ pub struct DitStageConfig {
     /// spends the least on the one region a removal changes.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub weight_changes: bool,
+    /// Train on latents shifted and scaled to mean 0 and standard deviation 1 (measured on
+    /// the frozen encoder at the stage's start, [`LatentNorm::measure`]), as diffusers'
+    /// `scaling_factor` / `shift_factor` do; the exported VAE config carries the two so the
+    /// pipeline undoes them before decoding. Off: the raw latents, as before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub normalize_latents: bool,
+}
+
+/// Pipeline latents are `scale · (raw − shift)`: the VAE config's `scaling_factor` and
+/// `shift_factor`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LatentNorm {
+    pub shift: f64,
+    pub scale: f64,
+}
+
+impl LatentNorm {
+    /// Raw latents as they are.
+    pub const IDENTITY: LatentNorm = LatentNorm {
+        shift: 0.0,
+        scale: 1.0,
+    };
+
+    /// Scenes the statistics are measured on.
+    pub const SCENES: usize = 256;
+
+    /// Mean and standard deviation of every latent value of [`Self::SCENES`] target scenes of
+    /// the stage's own task mix (drawn from `seed`'s own stream, so resumes measure the same),
+    /// as `shift = mean`, `scale = 1 / std`.
+    pub fn measure(
+        frozen: &Frozen,
+        seed: u64,
+        task_mix: &TaskMix,
+        device: &Device,
+    ) -> Result<Self, TrainError> {
+        let render_config = RenderConfig::with_size(frozen.image_size);
+        let (mut sum, mut sq, mut n) = (0f64, 0f64, 0usize);
+        let chunk = 32;
+        for first in (0..Self::SCENES).step_by(chunk) {
+            let images = (first..(first + chunk).min(Self::SCENES))
+                .map(|i| {
+                    render(
+                        &sample(mix(seed, 0xD5), i as u64, task_mix).target,
+                        &render_config,
+                    )
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let z = frozen
+                .encoder
+                .encode(rendered_batch(&images, device))
+                .map_err(|e| TrainError::Model(e.to_string()))?;
+            let values: Vec<f32> = z
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .map_err(|e| TrainError::Model(format!("{e:?}")))?;
+            n += values.len();
+            for v in values {
+                let v = f64::from(v);
+                sum += v;
+                sq += v * v;
+            }
+        }
+        let mean = sum / n.max(1) as f64;
+        let std = (sq / n.max(1) as f64 - mean * mean).max(0.0).sqrt();
+        if !(std.is_finite() && std > 1e-6) {
+            return Err(TrainError::Model(format!(
+                "the encoder's latents have standard deviation {std}: nothing to normalize"
+            )));
+        }
+        Ok(Self {
+            shift: mean,
+            scale: 1.0 / std,
+        })
+    }
+
+    /// `scale · (z − shift)`; no tensor op for the identity.
+    fn apply(&self, z: Tensor<4>) -> Tensor<4> {
+        if *self == Self::IDENTITY {
+            return z;
+        }
+        (z - self.shift) * self.scale
+    }
 }
 
 fn verifi_on() -> bool {
@@ -178,6 +261,7 @@ impl DitStageConfig {
             shards: 4,
             image_positions: ImagePositions::Origin,
             weight_changes: false,
+            normalize_latents: false,
         }
     }
 
@@ -210,6 +294,7 @@ impl DitStageConfig {
             shards: 1,
             image_positions: ImagePositions::Origin,
             weight_changes: false,
+            normalize_latents: false,
         }
     }
 }
@@ -377,6 +462,7 @@ pub struct DitStage {
     device: Device,
     frozen: Frozen,
     null: Tensor<3>,
+    latent_norm: LatentNorm,
     dit: Trainable<Krea2Transformer>,
 }
 
@@ -391,6 +477,11 @@ impl DitStage {
         let device = backend.autodiff();
         let (model, names) = init_transformer(&config.transformer, seed, &device)?;
         let null = frozen.null_condition(config.max_rewrite_tokens, config.verifi)?;
+        let latent_norm = if config.normalize_latents {
+            LatentNorm::measure(&frozen, seed, &config.mix, &device.clone().inner())?
+        } else {
+            LatentNorm::IDENTITY
+        };
         let dit = Trainable::new(model, names, config.optim.clone()).with_ema(config.ema_decay, 4);
         Ok(Self {
             config,
@@ -398,8 +489,14 @@ impl DitStage {
             device,
             frozen,
             null,
+            latent_norm,
             dit,
         })
+    }
+
+    /// How the stage maps the encoder's latents to the ones it trains on.
+    pub fn latent_norm(&self) -> LatentNorm {
+        self.latent_norm
     }
 
     /// The transformer's tensors under diffusers names (`transformer.safetensors`): the
@@ -426,6 +523,7 @@ impl DitStage {
             device: &self.device,
             frozen: &self.frozen,
             null: &self.null,
+            latent_norm: self.latent_norm,
         }
     }
 }
@@ -438,6 +536,7 @@ struct Parts<'a> {
     device: &'a Device,
     frozen: &'a Frozen,
     null: &'a Tensor<3>,
+    latent_norm: LatentNorm,
 }
 
 /// Flow-matching loss of shard `shard` (of `shards`) of step `k`'s batch under `model`: the
@@ -457,6 +556,7 @@ fn shard_loss(
         device,
         frozen,
         null,
+        latent_norm,
     } = *parts;
     let batch = config.batch;
     let (first, end) = shard_range(batch, shard, shards);
@@ -516,6 +616,7 @@ fn shard_loss(
         .encoder
         .encode(images)
         .map_err(|e| TrainError::Model(e.to_string()))?;
+    let z = latent_norm.apply(z);
     let [_, _, lh, lw] = z.dims();
     let x0 = patchify(z).map_err(|e| TrainError::Model(e.to_string()))?;
     let x0 = Tensor::<3>::from_data(x0.into_data(), device);
@@ -626,6 +727,7 @@ impl Stage for DitStage {
             device: &self.device,
             frozen: &self.frozen,
             null: &self.null,
+            latent_norm: self.latent_norm,
         };
         let batch = self.config.batch;
         self.dit
@@ -785,6 +887,39 @@ mod tests {
 
     /// Change weighting reaches edits (a removal's or a move's old place) and leaves text to
     /// image bit-identical: it has no input image to compare with.
+    /// The measured normalization maps fresh scenes' latents (not the ones it was measured
+    /// on) to mean about 0 and standard deviation about 1; off, the stage trains on raw
+    /// latents.
+    #[test]
+    fn normalized_latents_have_unit_scale_on_fresh_scenes() {
+        assert_eq!(tiny_stage(|_| {}).latent_norm(), LatentNorm::IDENTITY);
+        let stage = tiny_stage(|c| c.normalize_latents = true);
+        let norm = stage.latent_norm();
+        assert!(norm.scale.is_finite() && norm.scale > 0.0 && norm.scale != 1.0);
+        let size = stage.frozen.image_size;
+        let images: Vec<_> = (0..32u64)
+            .map(|i| {
+                let scene = sample(mix(99, 0xAB), i, &stage.config.mix).target;
+                render(&scene, &RenderConfig::with_size(size)).expect("renders")
+            })
+            .collect();
+        let z = stage
+            .frozen
+            .encoder
+            .encode(rendered_batch(&images, &Device::flex()))
+            .expect("encodes");
+        let values: Vec<f32> = norm.apply(z).into_data().try_into_vec().expect("f32");
+        let n = values.len() as f64;
+        let mean = values.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+        let var = values
+            .iter()
+            .map(|&v| (f64::from(v) - mean).powi(2))
+            .sum::<f64>()
+            / n;
+        assert!(mean.abs() < 0.2, "mean {mean}");
+        assert!((0.8..1.25).contains(&var.sqrt()), "std {}", var.sqrt());
+    }
+
     #[test]
     fn weighting_changes_moves_edit_training_only() {
         let train = |changes: bool, edit: f32, rewrite: f32| {
@@ -850,6 +985,52 @@ mod timing {
                 stage.step(k).expect("step");
                 println!("batch {batch}: step {:.3} s", t.elapsed().as_secs_f64());
             }
+        }
+    }
+
+    /// `UNIFUSION_RECIPE_OUT=/work/train-out/recipe cargo test --workspace latent_channel_stats
+    /// -- --ignored --nocapture`: mean and standard deviation of each latent channel of a
+    /// finished VAE over 256 recipe scenes (what one scalar `LatentNorm` would hide).
+    #[test]
+    #[ignore]
+    fn latent_channel_stats() {
+        let Ok(out) = std::env::var("UNIFUSION_RECIPE_OUT") else {
+            println!("set UNIFUSION_RECIPE_OUT to a recipe directory with vae/ done");
+            return;
+        };
+        let recipe = crate::recipe::RecipeConfig::recipe(0, Backend::Flex);
+        let bytes = std::fs::read(Path::new(&out).join("vae/autoencoder.safetensors"))
+            .expect("vae/autoencoder.safetensors");
+        let device = Device::flex();
+        let encoder = Frozen::encoder_from(&recipe.vae.vae, &bytes, &device).expect("encoder");
+        let size = recipe.vae.image_size;
+        let images: Vec<_> = (0..256u64)
+            .map(|i| {
+                let scene = sample(mix(0, 0xD5), i, &recipe.dit.mix).target;
+                render(&scene, &RenderConfig::with_size(size)).expect("renders")
+            })
+            .collect();
+        let mut per_channel: Vec<Vec<f64>> = Vec::new();
+        for chunk in images.chunks(32) {
+            let z = encoder
+                .encode(rendered_batch(chunk, &device))
+                .expect("encodes");
+            let [b, c, h, w] = z.dims();
+            let v: Vec<f32> = z.into_data().try_into_vec().expect("f32");
+            per_channel.resize(c, Vec::new());
+            for (i, x) in v.iter().enumerate() {
+                per_channel[(i / (h * w)) % c].push(f64::from(*x));
+            }
+            assert_eq!(v.len(), b * c * h * w);
+        }
+        for (ch, v) in per_channel.iter().enumerate() {
+            let n = v.len() as f64;
+            let mean = v.iter().sum::<f64>() / n;
+            let std = (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt();
+            let (lo, hi) = v
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+            println!("channel {ch}: mean {mean:+.3} std {std:.3} range [{lo:+.2}, {hi:+.2}]");
         }
     }
 }

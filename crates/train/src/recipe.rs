@@ -23,7 +23,7 @@ use unifusion_model::pipeline::{
 };
 use unifusion_model::vlm::{InternVl, Weights};
 
-use crate::dit::{DitStage, DitStageConfig, Frozen};
+use crate::dit::{DitStage, DitStageConfig, Frozen, LatentNorm};
 use crate::trainer::{Limit, Progress, run_stage_until, write_atomic};
 use crate::vae::{VaeStage, VaeStageConfig};
 use crate::vlm::{VlmStage, VlmStageConfig};
@@ -303,13 +303,26 @@ fn write_model_dir(out: &Path, config: &RecipeConfig) -> Result<(), TrainError> 
     if parts.iter().any(|(_, p)| !p.exists()) {
         return Ok(());
     }
+    let mut model_config = config.model_config();
+    if config.dit.normalize_latents {
+        let path = out.join(LATENT_NORM);
+        let norm: LatentNorm = serde_json::from_slice(&read(&path)?)
+            .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
+        if let VaeConfig::Tiny(vae) = &mut model_config.vae {
+            vae.scaling_factor = norm.scale;
+            vae.shift_factor = norm.shift;
+        }
+    }
     let dir = out.join("model");
     std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
     for (name, from) in &parts {
         write_atomic(&dir.join(name), &read(from)?)?;
     }
-    write_json(&dir.join("config.json"), &config.model_config())
+    write_json(&dir.join("config.json"), &model_config)
 }
+
+/// The DiT stage's latent normalization (`LatentNorm`), which the exported VAE config carries.
+const LATENT_NORM: &str = "dit/latent_norm.json";
 
 fn run_vlm(
     out: &Path,
@@ -383,6 +396,9 @@ fn run_dit(
     if !run.finished {
         return Ok(None);
     }
+    if config.dit.normalize_latents {
+        write_json(&out.join(LATENT_NORM), &stage.latent_norm())?;
+    }
     write_atomic(
         &dir.join("transformer.safetensors"),
         &named::safetensors_bytes(&stage.tensors())?,
@@ -418,6 +434,7 @@ fn run_dit(
         last_loss: last,
         details: serde_json::json!({
             "null_condition_rows": null_len,
+            "latent_norm": stage.latent_norm(),
             "text_to_image_20_steps_cfg_3": eval,
         }),
     }))

@@ -370,6 +370,15 @@ impl AutoencoderTinyConfig {
         if self.upsampling_scaling_factor == 0 {
             return err("upsampling_scaling_factor must be positive".into());
         }
+        if !self.scaling_factor.is_finite()
+            || self.scaling_factor == 0.0
+            || !self.shift_factor.is_finite()
+        {
+            return err(format!(
+                "scaling_factor ({}) must be finite and non-zero, shift_factor ({}) finite",
+                self.scaling_factor, self.shift_factor
+            ));
+        }
         Ok(())
     }
 }

@@ -75,6 +75,10 @@ pub struct TinyDecoder {
     use_silu: bool,
     factor: usize,
     latent_channels: usize,
+    /// The config's `scaling_factor` and `shift_factor`: pipeline latents are
+    /// `scaling_factor · (raw − shift_factor)`.
+    scaling_factor: f64,
+    shift_factor: f64,
 }
 
 impl TinyDecoder {
@@ -141,7 +145,19 @@ impl TinyDecoder {
             use_silu: cfg.act_fn == "silu",
             factor: cfg.upsampling_scaling_factor,
             latent_channels: cfg.latent_channels,
+            scaling_factor: cfg.scaling_factor,
+            shift_factor: cfg.shift_factor,
         })
+    }
+
+    /// Pipeline latents (what the DiT samples) → raw latents: `z / scaling_factor +
+    /// shift_factor`, as diffusers' pipelines do before `vae.decode`. The identity (and no
+    /// tensor op) for TAESD-family configs (1 and 0).
+    pub fn unscale_latents(&self, latents: Tensor<4>) -> Tensor<4> {
+        if self.scaling_factor == 1.0 && self.shift_factor == 0.0 {
+            return latents;
+        }
+        latents / self.scaling_factor + self.shift_factor
     }
 
     /// Raw latents `[B, C, h, w]` → image `[B, 3, H, W]` in about [−1, 1].

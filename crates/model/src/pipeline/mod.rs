@@ -63,7 +63,8 @@ pub enum PipelineError {
 pub enum Vae {
     /// `AutoencoderKL` (FLUX layout).
     Kl(AutoencoderKl),
-    /// The tiny decoder (TAEF1 layout); its pipeline latents are the raw latents.
+    /// The tiny decoder (TAEF1 layout); its pipeline latents are the raw latents scaled by the
+    /// config's `scaling_factor` and `shift_factor` (1 and 0 for TAESD-family VAEs).
     Tiny(TinyDecoder),
 }
 
@@ -75,7 +76,7 @@ impl Vae {
         let latents = to_compute(latents);
         let image = match self {
             Vae::Kl(vae) => vae.decode(vae.unscale_latents(latents)),
-            Vae::Tiny(decoder) => decoder.decode(latents),
+            Vae::Tiny(decoder) => decoder.decode(decoder.unscale_latents(latents)),
         }?;
         Ok(image.cast(dtype))
     }
