@@ -105,9 +105,9 @@ pub struct Args {
     /// objects (tuning runs; needs a foreground weight above 0).
     #[arg(long)]
     pub dit_weight_changes: bool,
-    /// Train the DiT on latents shifted and scaled to mean 0, standard deviation 1 (measured
-    /// on the frozen encoder at the stage's start); the packed VAE config carries the two
-    /// factors (`scaling_factor`, `shift_factor`) and the pipeline undoes them.
+    /// Train the DiT on latents normalized per channel to mean 0, standard deviation 1
+    /// (measured on the frozen encoder at the stage's start); the packed VAE config carries
+    /// the statistics (`latents_mean`, `latents_std`) and the pipeline undoes them.
     #[arg(long)]
     pub dit_normalize_latents: bool,
     /// Override the VLM's `downsample_ratio` (tuning runs): 1 keeps every 8-px patch as an

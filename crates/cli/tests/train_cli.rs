@@ -108,14 +108,12 @@ fn normalized_latents_reach_the_model_config_and_generate_reads_it() {
         serde_json::from_str(&std::fs::read_to_string(out.join(file)).expect(file)).expect("json")
     };
     let norm = read("dit/latent_norm.json");
-    let scale = norm["scale"].as_f64().expect("scale");
-    assert!(
-        scale.is_finite() && scale > 0.0 && scale != 1.0,
-        "scale {scale}"
-    );
+    let std = norm["std"].as_array().expect("std");
+    assert!(!std.is_empty() && std.iter().all(|s| s.as_f64().is_some_and(|s| s > 0.0)));
     let vae = &read("model/config.json")["vae"]["config"];
-    assert_eq!(vae["scaling_factor"], norm["scale"]);
-    assert_eq!(vae["shift_factor"], norm["shift"]);
+    assert_eq!(vae["latents_mean"], norm["mean"]);
+    assert_eq!(vae["latents_std"], norm["std"]);
+    assert_eq!(vae["scaling_factor"], 1.0);
     assert_eq!(read("dit/stage.json")["dit"]["normalize_latents"], true);
     assert_eq!(read("dit/report.json")["details"]["latent_norm"], norm);
     succeeds(&args);

@@ -276,48 +276,106 @@ fn tiny_vae_matches_diffusers() {
     }
 }
 
-/// A tiny VAE with `scaling_factor` / `shift_factor` decodes pipeline latents `s · (z − m)`
-/// to what the unscaled decoder makes of `z` (diffusers: `z / s + m` before `decode`).
+/// Max |a − b| of two equally shaped tensors.
+fn max_difference<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+    let (sa, a) = values(a);
+    let (sb, b) = values(b);
+    assert_eq!(sa, sb);
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
+/// A tiny VAE with `scaling_factor` / `shift_factor`, and with per-channel `latents_mean` /
+/// `latents_std`, decodes pipeline latents to what the plain decoder makes of the raw ones
+/// (diffusers: `z / s + m` before `decode`; Wan / QwenImage: `z · std + mean`).
 #[test]
 fn tiny_vae_unscales_pipeline_latents_by_its_config() {
-    let mut cfg: AutoencoderTinyConfig = config("tiny_vae");
+    let base: AutoencoderTinyConfig = config("tiny_vae");
     let io = tensors("tiny_vae", "inputs.safetensors");
     let device = Device::flex();
-    let plain = AutoencoderTiny::load(
-        &cfg,
-        &mut weights("tiny_vae", "weights.safetensors"),
-        &device,
-    )
-    .expect("tiny vae loads");
+    let load = |cfg: &AutoencoderTinyConfig| {
+        AutoencoderTiny::load(
+            cfg,
+            &mut weights("tiny_vae", "weights.safetensors"),
+            &device,
+        )
+        .expect("tiny vae loads")
+        .decoder
+    };
+    let plain = load(&base);
     let raw = tensor::<4>(&io, "latents", &device);
     assert_eq!(
-        values(plain.decoder.unscale_latents(raw.clone())),
+        values(plain.unscale_latents(raw.clone())),
         values(raw.clone()),
         "1 and 0 leave latents alone"
     );
+    let want = plain.decode(raw.clone()).expect("decode");
+
+    let mut cfg = base.clone();
     (cfg.scaling_factor, cfg.shift_factor) = (2.5, -0.4);
-    let scaled = AutoencoderTiny::load(
-        &cfg,
-        &mut weights("tiny_vae", "weights.safetensors"),
-        &device,
-    )
-    .expect("scaled tiny vae loads");
-    let want = plain.decoder.decode(raw.clone()).expect("decode");
-    let got = scaled
-        .decoder
-        .decode(scaled.decoder.unscale_latents((raw + 0.4) * 2.5))
-        .expect("decode");
-    let (_, a) = values(got);
-    let (_, b) = values(want);
-    let worst = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
+    let scaled = load(&cfg);
+    let z = (raw.clone() + 0.4) * 2.5;
+    let got = scaled.decode(scaled.unscale_latents(z)).expect("decode");
+    let worst = max_difference(got, want.clone());
     assert!(worst < 1e-4, "scaled decode differs by {worst}");
+
+    let c = base.latent_channels;
+    let mean: Vec<f64> = (0..c).map(|i| i as f64 * 0.3 - 0.5).collect();
+    let std: Vec<f64> = (0..c).map(|i| 0.5 + i as f64 * 0.25).collect();
+    let mut cfg = base.clone();
+    (cfg.latents_mean, cfg.latents_std) = (Some(mean.clone()), Some(std.clone()));
+    cfg.validate().expect("per-channel statistics are valid");
+    let normalized = load(&cfg);
+    let column = |v: &[f64]| {
+        let values: Vec<f32> = v.iter().map(|&a| a as f32).collect();
+        Tensor::<1>::from_data(TensorData::new(values, [c]), &device).reshape([1, c, 1, 1])
+    };
+    let z = (raw.clone() - column(&mean)) / column(&std);
+    let unscaled = normalized.unscale_latents(z.clone());
+    let worst = max_difference(unscaled, raw.clone());
+    assert!(worst < 1e-5, "per-channel unscale differs by {worst}");
+    let got = normalized
+        .decode(normalized.unscale_latents(z.clone()))
+        .expect("decode");
+    assert!(max_difference(got, want.clone()) < 1e-4);
+    // The statistics are not ignored: the plain decoder makes something else of `z`.
+    assert!(max_difference(plain.decode(z).expect("decode"), want) > 1e-2);
+
     for (s, m) in [(0.0, 0.0), (f64::NAN, 0.0), (1.0, f64::INFINITY)] {
-        (cfg.scaling_factor, cfg.shift_factor) = (s, m);
-        assert!(cfg.validate().is_err(), "scaling {s}, shift {m} accepted");
+        let mut bad = base.clone();
+        (bad.scaling_factor, bad.shift_factor) = (s, m);
+        assert!(bad.validate().is_err(), "scaling {s}, shift {m} accepted");
+    }
+    let mut short = std.clone();
+    short.pop();
+    let mut zero = std.clone();
+    zero[0] = 0.0;
+    for (m, s) in [
+        (Some(mean.clone()), None),
+        (None, Some(std.clone())),
+        (Some(mean.clone()), Some(short)),
+        (Some(mean.clone()), Some(zero)),
+        (Some(vec![f64::NAN; c]), Some(std.clone())),
+    ] {
+        let mut bad = base.clone();
+        (bad.latents_mean, bad.latents_std) = (m, s);
+        assert!(
+            bad.validate().is_err(),
+            "{:?} / {:?} accepted",
+            bad.latents_mean,
+            bad.latents_std
+        );
+        assert!(
+            AutoencoderTiny::load(
+                &bad,
+                &mut weights("tiny_vae", "weights.safetensors"),
+                &device
+            )
+            .is_err(),
+            "a bad config loads"
+        );
     }
 }
 

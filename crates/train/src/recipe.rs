@@ -309,8 +309,8 @@ fn write_model_dir(out: &Path, config: &RecipeConfig) -> Result<(), TrainError> 
         let norm: LatentNorm = serde_json::from_slice(&read(&path)?)
             .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
         if let VaeConfig::Tiny(vae) = &mut model_config.vae {
-            vae.scaling_factor = norm.scale;
-            vae.shift_factor = norm.shift;
+            vae.latents_mean = Some(norm.mean);
+            vae.latents_std = Some(norm.std);
         }
     }
     let dir = out.join("model");
@@ -396,8 +396,8 @@ fn run_dit(
     if !run.finished {
         return Ok(None);
     }
-    if config.dit.normalize_latents {
-        write_json(&out.join(LATENT_NORM), &stage.latent_norm())?;
+    if let Some(norm) = stage.latent_norm() {
+        write_json(&out.join(LATENT_NORM), norm)?;
     }
     write_atomic(
         &dir.join("transformer.safetensors"),

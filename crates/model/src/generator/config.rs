@@ -314,6 +314,15 @@ pub struct AutoencoderTinyConfig {
     pub scaling_factor: f64,
     /// Pipeline latent shift.
     pub shift_factor: f64,
+    /// Per-channel latent statistics, as diffusers' Wan and QwenImage VAE configs carry them:
+    /// with both given, pipeline latents are `(raw − latents_mean[c]) / latents_std[c]` before
+    /// the scalar factors (`unifusion train --dit-normalize-latents` writes them). Both or
+    /// neither; one entry per latent channel.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latents_mean: Option<Vec<f64>>,
+    /// See `latents_mean`; every entry above 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latents_std: Option<Vec<f64>>,
 }
 
 impl Default for AutoencoderTinyConfig {
@@ -340,6 +349,8 @@ impl AutoencoderTinyConfig {
             latent_shift: 0.5,
             scaling_factor: 1.0,
             shift_factor: 0.0,
+            latents_mean: None,
+            latents_std: None,
         }
     }
 
@@ -378,6 +389,27 @@ impl AutoencoderTinyConfig {
                 "scaling_factor ({}) must be finite and non-zero, shift_factor ({}) finite",
                 self.scaling_factor, self.shift_factor
             ));
+        }
+        match (&self.latents_mean, &self.latents_std) {
+            (None, None) => {}
+            (Some(mean), Some(std)) => {
+                let c = self.latent_channels;
+                if mean.len() != c || std.len() != c {
+                    return err(format!(
+                        "latents_mean and latents_std need {c} entries (one per latent channel), got {} and {}",
+                        mean.len(),
+                        std.len()
+                    ));
+                }
+                if !mean.iter().all(|m| m.is_finite())
+                    || !std.iter().all(|s| s.is_finite() && *s > 0.0)
+                {
+                    return err(
+                        "latents_mean must be finite and latents_std finite and above 0".into(),
+                    );
+                }
+            }
+            _ => return err("latents_mean and latents_std come together".into()),
         }
         Ok(())
     }

@@ -10,7 +10,7 @@
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::tensor::activation::{relu, silu};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Tensor, TensorData};
 
 use super::config::AutoencoderTinyConfig;
 use super::params::{LoadError, ParamSource, conv2d};
@@ -79,6 +79,9 @@ pub struct TinyDecoder {
     /// `scaling_factor · (raw − shift_factor)`.
     scaling_factor: f64,
     shift_factor: f64,
+    /// The config's `latents_mean` / `latents_std` (empty when absent).
+    latents_mean: Vec<f64>,
+    latents_std: Vec<f64>,
 }
 
 impl TinyDecoder {
@@ -147,17 +150,34 @@ impl TinyDecoder {
             latent_channels: cfg.latent_channels,
             scaling_factor: cfg.scaling_factor,
             shift_factor: cfg.shift_factor,
+            latents_mean: cfg.latents_mean.clone().unwrap_or_default(),
+            latents_std: cfg.latents_std.clone().unwrap_or_default(),
         })
     }
 
     /// Pipeline latents (what the DiT samples) → raw latents: `z / scaling_factor +
-    /// shift_factor`, as diffusers' pipelines do before `vae.decode`. The identity (and no
-    /// tensor op) for TAESD-family configs (1 and 0).
+    /// shift_factor`, as diffusers' pipelines do before `vae.decode`, then, where the config
+    /// has per-channel statistics, `· latents_std[c] + latents_mean[c]`. The identity (and no
+    /// tensor op) for TAESD-family configs (1 and 0, no statistics).
     pub fn unscale_latents(&self, latents: Tensor<4>) -> Tensor<4> {
-        if self.scaling_factor == 1.0 && self.shift_factor == 0.0 {
-            return latents;
+        let mut x = latents;
+        if self.scaling_factor != 1.0 || self.shift_factor != 0.0 {
+            x = x / self.scaling_factor + self.shift_factor;
         }
-        latents / self.scaling_factor + self.shift_factor
+        if !self.latents_std.is_empty() {
+            let per_channel = |v: &[f64]| {
+                let values: Vec<f32> = v.iter().map(|&a| a as f32).collect();
+                Tensor::<1>::from_data(TensorData::new(values, [v.len()]), &x.device())
+                    .cast(x.dtype())
+                    .reshape([1, v.len(), 1, 1])
+            };
+            let (std, mean) = (
+                per_channel(&self.latents_std),
+                per_channel(&self.latents_mean),
+            );
+            x = x * std + mean;
+        }
+        x
     }
 
     /// Raw latents `[B, C, h, w]` → image `[B, 3, H, W]` in about [−1, 1].
