@@ -63,8 +63,9 @@ pub enum PipelineError {
 pub enum Vae {
     /// `AutoencoderKL` (FLUX layout).
     Kl(AutoencoderKl),
-    /// The tiny decoder (TAEF1 layout); its pipeline latents are the raw latents scaled by the
-    /// config's `scaling_factor` and `shift_factor` (1 and 0 for TAESD-family VAEs).
+    /// The tiny decoder (TAEF1 layout); its pipeline latents are the raw latents normalized by
+    /// the config's optional `latents_mean` / `latents_std`, then scaled by its
+    /// `scaling_factor` and `shift_factor` (none, 1 and 0 for TAESD-family VAEs).
     Tiny(TinyDecoder),
 }
 
