@@ -1,7 +1,7 @@
 //! `unifusion train` as a user runs it: the tiny recipe's first stages write their files, a
 //! second call resumes (finished stages are skipped), bad flags are one line and exit 2.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn unifusion(args: &[&str]) -> Output {
@@ -16,6 +16,12 @@ fn succeeds(args: &[&str]) -> Output {
     let r = unifusion(args);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     r
+}
+
+/// A JSON file the run wrote.
+fn json(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).expect("json")
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -80,11 +86,10 @@ fn the_vlm_downsample_ratio_reaches_the_vlm_stage() {
         "--quiet",
     ];
     succeeds(&args);
-    let stage: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(out.join("vlm/stage.json")).expect("stage.json"),
-    )
-    .expect("json");
-    assert_eq!(stage["vlm"]["vlm"]["downsample_ratio"], 1.0);
+    assert_eq!(
+        json(&out.join("vlm/stage.json"))["vlm"]["vlm"]["downsample_ratio"],
+        1.0
+    );
     let _ = std::fs::remove_dir_all(&out);
 }
 
@@ -104,9 +109,7 @@ fn normalized_latents_reach_the_model_config_and_generate_reads_it() {
         "--quiet",
     ];
     succeeds(&args);
-    let read = |file: &str| -> serde_json::Value {
-        serde_json::from_str(&std::fs::read_to_string(out.join(file)).expect(file)).expect("json")
-    };
+    let read = |file: &str| json(&out.join(file));
     let norm = read("dit/latent_norm.json");
     let std = norm["std"].as_array().expect("std");
     assert!(!std.is_empty() && std.iter().all(|s| s.as_f64().is_some_and(|s| s > 0.0)));

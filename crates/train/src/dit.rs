@@ -40,7 +40,7 @@ use crate::tokenizer::IM_END;
 use crate::trainer::{
     OptimConfig, Stage, Trainable, batch_share, is_one_shard, one_shard, shard_range, shard_seed,
 };
-use crate::vae::rendered_batch;
+use crate::vae::{rendered_batch, to_vec};
 use crate::vlm::{VlmBatch, forward_shared_prefix, make_batch};
 use crate::{Backend, TrainError};
 
@@ -117,16 +117,17 @@ impl LatentNorm {
     /// Scenes the statistics are measured on.
     pub const SCENES: usize = 256;
 
-    /// Mean and standard deviation of each latent channel over [`Self::SCENES`] target scenes
-    /// of the stage's own task mix, drawn from `seed`'s own stream (so a resume measures the
-    /// same).
+    /// Mean and standard deviation of each channel of `encoder`'s latents over
+    /// [`Self::SCENES`] target scenes of `task_mix` at `image_size`, drawn from `seed`'s own
+    /// stream (so a resume measures the same).
     pub fn measure(
-        frozen: &Frozen,
+        encoder: &TinyEncoder,
+        image_size: u32,
         seed: u64,
         task_mix: &TaskMix,
         device: &Device,
     ) -> Result<Self, TrainError> {
-        let render_config = RenderConfig::with_size(frozen.image_size);
+        let render_config = RenderConfig::with_size(image_size);
         let (mut sum, mut sq, mut n) = (Vec::<f64>::new(), Vec::<f64>::new(), 0usize);
         let chunk = 32;
         for first in (0..Self::SCENES).step_by(chunk) {
@@ -138,16 +139,11 @@ impl LatentNorm {
                     )
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let z = frozen
-                .encoder
+            let z = encoder
                 .encode(rendered_batch(&images, device))
                 .map_err(|e| TrainError::Model(e.to_string()))?;
             let [b, c, h, w] = z.dims();
-            let values: Vec<f32> = z
-                .into_data()
-                .convert::<f32>()
-                .try_into_vec::<f32>()
-                .map_err(|e| TrainError::Model(format!("{e:?}")))?;
+            let values = to_vec(z)?;
             sum.resize(c, 0.0);
             sq.resize(c, 0.0);
             for (i, v) in values.iter().enumerate() {
@@ -487,7 +483,8 @@ impl DitStage {
         let null = frozen.null_condition(config.max_rewrite_tokens, config.verifi)?;
         let latent_norm = if config.normalize_latents {
             Some(LatentNorm::measure(
-                &frozen,
+                &frozen.encoder,
+                frozen.image_size,
                 seed,
                 &config.mix,
                 &device.clone().inner(),
@@ -925,7 +922,7 @@ mod tests {
             .expect("encodes");
         let [_, c, h, w] = z.dims();
         assert_eq!((norm.mean.len(), norm.std.len()), (c, c));
-        let values: Vec<f32> = norm.apply(z).into_data().try_into_vec().expect("f32");
+        let values = to_vec(norm.apply(z)).expect("f32");
         for ch in 0..c {
             let v: Vec<f64> = values
                 .iter()
@@ -986,18 +983,26 @@ mod timing {
     use super::*;
     use std::time::Instant;
 
+    /// The recipe directory `UNIFUSION_RECIPE_OUT` names, with the stages `needs` done.
+    fn recipe_out(needs: &str) -> Option<std::path::PathBuf> {
+        let out = std::env::var("UNIFUSION_RECIPE_OUT").ok();
+        if out.is_none() {
+            println!("set UNIFUSION_RECIPE_OUT to a recipe directory with {needs} done");
+        }
+        out.map(Into::into)
+    }
+
     /// `UNIFUSION_RECIPE_OUT=/work/train-out/recipe cargo test --workspace dit_step_timing --
     /// --ignored --nocapture`: recipe DiT steps at batch 8, 16 and 32 on a finished VLM and VAE.
     #[test]
     #[ignore]
     fn dit_step_timing() {
-        let Ok(out) = std::env::var("UNIFUSION_RECIPE_OUT") else {
-            println!("set UNIFUSION_RECIPE_OUT to a recipe directory with vae/ and vlm/ done");
+        let Some(out) = recipe_out("vae/ and vlm/") else {
             return;
         };
         let recipe = crate::recipe::RecipeConfig::recipe(0, Backend::Flex);
         for batch in [8, 16, 32] {
-            let frozen = crate::recipe::frozen(Path::new(&out), &recipe).expect("frozen parts");
+            let frozen = crate::recipe::frozen(&out, &recipe).expect("frozen parts");
             let mut config = recipe.dit.clone();
             config.batch = batch;
             let mut stage = DitStage::new(config, frozen, 0, Backend::Flex).expect("builds");
@@ -1010,48 +1015,24 @@ mod timing {
     }
 
     /// `UNIFUSION_RECIPE_OUT=/work/train-out/recipe cargo test --workspace latent_channel_stats
-    /// -- --ignored --nocapture`: mean and standard deviation of each latent channel of a
-    /// finished VAE over 256 recipe scenes: what `--dit-normalize-latents` would normalize.
+    /// -- --ignored --nocapture`: what `--dit-normalize-latents` would measure on a finished
+    /// VAE (the recipe's scenes at seed 0).
     #[test]
     #[ignore]
     fn latent_channel_stats() {
-        let Ok(out) = std::env::var("UNIFUSION_RECIPE_OUT") else {
-            println!("set UNIFUSION_RECIPE_OUT to a recipe directory with vae/ done");
+        let Some(out) = recipe_out("vae/") else {
             return;
         };
         let recipe = crate::recipe::RecipeConfig::recipe(0, Backend::Flex);
-        let bytes = std::fs::read(Path::new(&out).join("vae/autoencoder.safetensors"))
+        let bytes = std::fs::read(out.join("vae/autoencoder.safetensors"))
             .expect("vae/autoencoder.safetensors");
         let device = Device::flex();
         let encoder = Frozen::encoder_from(&recipe.vae.vae, &bytes, &device).expect("encoder");
-        let size = recipe.vae.image_size;
-        let images: Vec<_> = (0..256u64)
-            .map(|i| {
-                let scene = sample(mix(0, 0xD5), i, &recipe.dit.mix).target;
-                render(&scene, &RenderConfig::with_size(size)).expect("renders")
-            })
-            .collect();
-        let mut per_channel: Vec<Vec<f64>> = Vec::new();
-        for chunk in images.chunks(32) {
-            let z = encoder
-                .encode(rendered_batch(chunk, &device))
-                .expect("encodes");
-            let [b, c, h, w] = z.dims();
-            let v: Vec<f32> = z.into_data().try_into_vec().expect("f32");
-            per_channel.resize(c, Vec::new());
-            for (i, x) in v.iter().enumerate() {
-                per_channel[(i / (h * w)) % c].push(f64::from(*x));
-            }
-            assert_eq!(v.len(), b * c * h * w);
-        }
-        for (ch, v) in per_channel.iter().enumerate() {
-            let n = v.len() as f64;
-            let mean = v.iter().sum::<f64>() / n;
-            let std = (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt();
-            let (lo, hi) = v
-                .iter()
-                .fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
-            println!("channel {ch}: mean {mean:+.3} std {std:.3} range [{lo:+.2}, {hi:+.2}]");
+        let norm =
+            LatentNorm::measure(&encoder, recipe.vae.image_size, 0, &recipe.dit.mix, &device)
+                .expect("measures");
+        for (ch, (mean, std)) in norm.mean.iter().zip(&norm.std).enumerate() {
+            println!("channel {ch}: mean {mean:+.3} std {std:.3}");
         }
     }
 }
