@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressStyle};
-use unifusion_model::generator::ImagePositions;
+use unifusion_model::generator::{ImagePositions, TextPositions};
 use unifusion_train::recipe::{self, RecipeConfig, StageName};
 use unifusion_train::trainer::Progress;
 
@@ -100,6 +100,11 @@ pub struct Args {
     /// model records it (`pipeline.image_positions`).
     #[arg(long, value_enum)]
     pub dit_image_positions: Option<ImagePositionsArg>,
+    /// Where the DiT's RoPE places the condition's text rows: `origin` (Krea 2's corner of
+    /// the latent grid) or `center` (the grid's centre, so offsets run symmetric around 0).
+    /// The packed model records it (`pipeline.text_positions`).
+    #[arg(long, value_enum)]
+    pub dit_text_positions: Option<TextPositionsArg>,
     /// Edits and transfers also weigh the DiT's loss on the latent tokens where the target
     /// differs from the input image (a removed object's place), not only on the target's
     /// objects (tuning runs; needs a foreground weight above 0).
@@ -130,6 +135,15 @@ pub enum ImagePositionsArg {
     Origin,
     /// On the latent grid.
     Grid,
+}
+
+/// `--dit-text-positions`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TextPositionsArg {
+    /// At the origin, a corner of the latent grid.
+    Origin,
+    /// At the latent grid's centre.
+    Center,
 }
 
 /// A DiT ablation (issue 8's table).
@@ -286,6 +300,12 @@ pub fn run(args: Args) -> Result<(), CliError> {
         config.dit.image_positions = match p {
             ImagePositionsArg::Origin => ImagePositions::Origin,
             ImagePositionsArg::Grid => ImagePositions::Grid,
+        };
+    }
+    if let Some(p) = args.dit_text_positions {
+        config.dit.text_positions = match p {
+            TextPositionsArg::Origin => TextPositions::Origin,
+            TextPositionsArg::Center => TextPositions::Center,
         };
     }
     for ablation in &args.ablation {

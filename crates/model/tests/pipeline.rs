@@ -11,7 +11,7 @@ use unifusion_model::generator::config::{AutoencoderKlConfig, AutoencoderTinyCon
 use unifusion_model::generator::sampler::{self, Shift};
 use unifusion_model::generator::tiny_vae::TinyDecoder;
 use unifusion_model::generator::vae::AutoencoderKl;
-use unifusion_model::generator::{ImagePositions, Krea2Transformer, RandomInit};
+use unifusion_model::generator::{ImagePositions, Krea2Transformer, RandomInit, TextPositions};
 use unifusion_model::pipeline::tasks::{ConditionSchedule, zero_shot_switch_step};
 use unifusion_model::pipeline::{
     Conditioning, Event, Image, Phase, PipelineConfig, PipelineError, Request, Settings, Task,
@@ -663,6 +663,44 @@ fn grid_image_positions_move_only_the_image_tokens() {
     let b = run(&grid, Task::Edit, "make it blue", &images, &s).expect("test value");
     assert_eq!(a.rewrite_ids, b.rewrite_ids);
     assert!(max_diff(&a.image.pixels, &b.image.pixels) > 2);
+}
+
+#[test]
+fn centred_text_positions_change_the_image_not_the_rewrite() {
+    let device = Device::flex();
+    let origin = pipeline(&device, config(), false);
+    let centre = pipeline(
+        &device,
+        PipelineConfig {
+            text_positions: TextPositions::Center,
+            ..config()
+        },
+        false,
+    );
+    let s = settings();
+    let a = run(&origin, Task::TextToImage, "a red cube", &[], &s).expect("test value");
+    let b = run(&centre, Task::TextToImage, "a red cube", &[], &s).expect("test value");
+    assert_eq!(a.rewrite_ids, b.rewrite_ids);
+    assert!(max_diff(&a.image.pixels, &b.image.pixels) > 2);
+    let read: PipelineConfig =
+        serde_json::from_str(r#"{"text_positions": "center"}"#).expect("parses");
+    assert_eq!(read.text_positions, TextPositions::Center);
+    assert!(
+        serde_json::to_string(&read)
+            .expect("writes")
+            .contains(r#""text_positions":"center""#)
+    );
+    assert!(
+        !serde_json::to_string(&config())
+            .expect("writes")
+            .contains("text_positions")
+    );
+    let bad = serde_json::from_str::<PipelineConfig>(r#"{"text_positions": "middle"}"#);
+    assert!(
+        bad.expect_err("unknown layout")
+            .to_string()
+            .contains("middle")
+    );
 }
 
 #[test]

@@ -26,7 +26,8 @@ use unifusion_model::generator::layers::KeyMask;
 use unifusion_model::generator::sampler::SeededNormal;
 use unifusion_model::generator::tiny_vae::{AutoencoderTiny, TinyEncoder};
 use unifusion_model::generator::{
-    ImagePositions, Krea2Transformer, RopeTable, TextCondition, condition_position_ids, patchify,
+    ImagePositions, Krea2Transformer, RopeTable, TextCondition, TextPositions,
+    condition_position_ids, patchify,
 };
 use unifusion_model::pipeline::config::VERIFI_SYSTEM_PROMPT;
 use unifusion_model::pipeline::verifi::chat_tokens;
@@ -90,6 +91,11 @@ pub struct DitStageConfig {
     /// `image_positions`.
     #[serde(default, skip_serializing_if = "ImagePositions::is_origin")]
     pub image_positions: ImagePositions,
+    /// Where the condition's text rows sit in the DiT's RoPE: at the origin (Krea 2) or at
+    /// the latent grid's centre ([`TextPositions`]). Exported as the pipeline's
+    /// `text_positions`.
+    #[serde(default, skip_serializing_if = "TextPositions::is_origin")]
+    pub text_positions: TextPositions,
     /// Edits and transfers also weigh `1 + foreground_weight` on the latent tokens where the
     /// target differs from the first input image, not only on the target's objects: a
     /// removed object's place is background in the target, so the target-only weighting
@@ -264,6 +270,7 @@ impl DitStageConfig {
             ema_decay: 0.0,
             shards: 4,
             image_positions: ImagePositions::Origin,
+            text_positions: TextPositions::Origin,
             weight_changes: false,
             normalize_latents: false,
         }
@@ -297,6 +304,7 @@ impl DitStageConfig {
             ema_decay: 0.0,
             shards: 1,
             image_positions: ImagePositions::Origin,
+            text_positions: TextPositions::Origin,
             weight_changes: false,
             normalize_latents: false,
         }
@@ -651,6 +659,7 @@ fn shard_loss(
         .map(|&rows| {
             condition_position_ids(
                 config.image_positions,
+                config.text_positions,
                 rows,
                 frozen.vlm_config.tokens_per_tile(),
                 len,
@@ -896,6 +905,19 @@ mod tests {
             "edit-trained weights moved by {edits} at most"
         );
         assert_eq!(train(false, 0.0, 1.0), train(true, 0.0, 1.0));
+    }
+
+    /// Centred text rotates the text rows: two steps of text to image train other weights.
+    #[test]
+    fn centred_text_positions_change_text_to_image_training() {
+        let origin = two_steps(0.0, 1.0, |_| {});
+        let centre = two_steps(0.0, 1.0, |c| c.text_positions = TextPositions::Center);
+        let moved = origin
+            .iter()
+            .zip(&centre)
+            .flat_map(|(x, y)| x.2.iter().zip(&y.2).map(|(p, q)| (p - q).abs()))
+            .fold(0.0f32, f32::max);
+        assert!(moved > 1e-4, "weights moved by {moved} at most");
     }
 
     /// Change weighting reaches edits (a removal's or a move's old place) and leaves text to

@@ -151,6 +151,7 @@ impl RecipeConfig {
                 stop_tokens: vec![crate::tokenizer::IM_END],
                 max_tiles: 1,
                 image_positions: self.dit.image_positions,
+                text_positions: self.dit.text_positions,
                 defaults: Some(SampleDefaults {
                     width: self.vae.image_size as usize,
                     height: self.vae.image_size as usize,

@@ -30,7 +30,7 @@ pub mod vae;
 pub use config::{AutoencoderKlConfig, AutoencoderTinyConfig, Krea2Config};
 pub use dit::{Krea2Transformer, TextCondition, patchify, unpatchify};
 pub use params::{LoadError, ParamSource, RandomInit, WeightMap, krea2_original_to_diffusers};
-pub use rope::{ImagePositions, RopeTable, condition_position_ids, position_ids};
+pub use rope::{ImagePositions, RopeTable, TextPositions, condition_position_ids, position_ids};
 
 /// Errors of the generator's public entry points: shapes and configs that do not fit.
 #[derive(Debug, thiserror::Error)]

@@ -37,13 +37,38 @@ impl ImagePositions {
     }
 }
 
+/// Where the DiT places the condition's text rows (and image-token rows left with them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TextPositions {
+    /// At `(0, 0, 0)`, a corner of the latent grid (Krea 2, FLUX). A latent token at `(r, c)`
+    /// then sees every text row at offset `(−r, −c)`, and with θ = 1000 over a small grid the
+    /// only rotations that vary across it are the fastest, aliased one and a near-linear
+    /// ramp: "middle" is no simple function of the offset.
+    #[default]
+    Origin,
+    /// At the grid's centre, `(0, (grid_h − 1)/2, (grid_w − 1)/2)`: offsets run symmetric
+    /// around 0, so `cos` of an offset peaks on the middle cells and `sin` of a slow
+    /// frequency orders left from right, a basis in which attention to "top left" or
+    /// "center" is one direction of the query.
+    Center,
+}
+
+impl TextPositions {
+    /// Whether this is the default layout (serde leaves it out of the configs it writes).
+    pub fn is_origin(&self) -> bool {
+        *self == TextPositions::Origin
+    }
+}
+
 /// `(t, h, w)` rows for `[image tokens; text; image]` when the first `image_rows` condition
-/// rows are image tokens, `tokens_per_tile` (a square, `s²`) per tile: with
-/// [`ImagePositions::Grid`], token `(r, c)` of tile `j` sits at
-/// `(1 + j, (r + ½)·grid_h/s − ½, (c + ½)·grid_w/s − ½)`; everything else as
-/// [`position_ids`].
+/// rows are image tokens, `tokens_per_tile` (a square, `s²`) per tile: the text rows (and
+/// image-token rows that stay with them) where `text` says; with [`ImagePositions::Grid`],
+/// token `(r, c)` of tile `j` sits at `(1 + j, (r + ½)·grid_h/s − ½, (c + ½)·grid_w/s − ½)`;
+/// the latent grid as [`position_ids`].
 pub fn condition_position_ids(
     layout: ImagePositions,
+    text: TextPositions,
     image_rows: usize,
     tokens_per_tile: usize,
     text_len: usize,
@@ -51,6 +76,12 @@ pub fn condition_position_ids(
     grid_w: usize,
 ) -> Vec<[f32; 3]> {
     let mut ids = position_ids(text_len, grid_h, grid_w);
+    if text == TextPositions::Center {
+        let centre = |grid: usize| grid.saturating_sub(1) as f32 / 2.0;
+        for id in ids.iter_mut().take(text_len) {
+            *id = [0.0, centre(grid_h), centre(grid_w)];
+        }
+    }
     let side = (tokens_per_tile as f64).sqrt().round() as usize;
     if layout == ImagePositions::Origin || side == 0 || side * side != tokens_per_tile {
         return ids;
@@ -176,7 +207,8 @@ mod tests {
     #[test]
     fn grid_positions_spread_each_tile_over_the_latent_grid() {
         // 2 tiles of 2×2 tokens, 1 text row, a 4×4 latent grid.
-        let ids = condition_position_ids(ImagePositions::Grid, 8, 4, 9, 4, 4);
+        let ids =
+            condition_position_ids(ImagePositions::Grid, TextPositions::Origin, 8, 4, 9, 4, 4);
         assert_eq!(ids.len(), 9 + 16);
         assert_eq!(ids[0], [1.0, 0.5, 0.5]);
         assert_eq!(ids[1], [1.0, 0.5, 2.5]);
@@ -185,20 +217,38 @@ mod tests {
         assert_eq!(ids[4], [2.0, 0.5, 0.5]);
         assert_eq!(ids[8], [0.0, 0.0, 0.0]);
         assert_eq!(ids[9..], position_ids(9, 4, 4)[9..]);
-        let origin = condition_position_ids(ImagePositions::Origin, 8, 4, 9, 4, 4);
+        let origin =
+            condition_position_ids(ImagePositions::Origin, TextPositions::Origin, 8, 4, 9, 4, 4);
         assert_eq!(origin, position_ids(9, 4, 4));
         // A token count that is no square grid keeps the origin.
         assert_eq!(
-            condition_position_ids(ImagePositions::Grid, 3, 3, 4, 2, 2),
+            condition_position_ids(ImagePositions::Grid, TextPositions::Origin, 3, 3, 4, 2, 2),
             position_ids(4, 2, 2)
         );
+    }
+
+    #[test]
+    fn centred_text_sits_mid_grid_and_moves_nothing_else() {
+        // 2 tiles of 2×2 tokens, 1 text row, a 4×6 latent grid.
+        let ids =
+            condition_position_ids(ImagePositions::Origin, TextPositions::Center, 8, 4, 9, 4, 6);
+        assert!(ids[..9].iter().all(|id| *id == [0.0, 1.5, 2.5]));
+        assert_eq!(ids[9..], position_ids(9, 4, 6)[9..]);
+        // Image tokens placed on the grid stay there; only the text moves.
+        let grid =
+            condition_position_ids(ImagePositions::Grid, TextPositions::Center, 8, 4, 9, 4, 6);
+        let grid_origin =
+            condition_position_ids(ImagePositions::Grid, TextPositions::Origin, 8, 4, 9, 4, 6);
+        assert_eq!(grid[..8], grid_origin[..8]);
+        assert_eq!(grid[8], [0.0, 1.5, 2.5]);
+        assert_eq!(grid[9..], grid_origin[9..]);
     }
 
     #[test]
     fn a_per_sample_table_rotates_each_sample_by_its_own_layout() {
         let device = Device::flex();
         let axes = [2, 2, 4];
-        let a = condition_position_ids(ImagePositions::Grid, 4, 4, 5, 2, 2);
+        let a = condition_position_ids(ImagePositions::Grid, TextPositions::Origin, 4, 4, 5, 2, 2);
         let b = position_ids(5, 2, 2);
         let x = Tensor::<4>::random(
             [2, 9, 1, 8],

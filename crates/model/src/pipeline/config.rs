@@ -5,7 +5,9 @@
 use serde::{Deserialize, Serialize};
 
 use super::Settings;
-use crate::generator::{AutoencoderKlConfig, AutoencoderTinyConfig, ImagePositions, Krea2Config};
+use crate::generator::{
+    AutoencoderKlConfig, AutoencoderTinyConfig, ImagePositions, Krea2Config, TextPositions,
+};
 use crate::vlm::InternVlConfig;
 
 /// The VERIFI system prompt: asks the VLM for a description of the *target* image, whatever
@@ -42,6 +44,11 @@ pub struct PipelineConfig {
     /// model only works with the layout it was trained with.
     #[serde(skip_serializing_if = "ImagePositions::is_origin")]
     pub image_positions: ImagePositions,
+    /// Where the DiT places the text rows of the condition: at the origin (the default, and
+    /// every model trained before this field) or at the latent grid's centre. A model only
+    /// works with the layout it was trained with.
+    #[serde(skip_serializing_if = "TextPositions::is_origin")]
+    pub text_positions: TextPositions,
 }
 
 /// A model's own sampler defaults (`config.json`: `pipeline.defaults`).
@@ -68,6 +75,7 @@ impl Default for PipelineConfig {
             max_tiles: 10,
             defaults: None,
             image_positions: ImagePositions::Origin,
+            text_positions: TextPositions::Origin,
         }
     }
 }

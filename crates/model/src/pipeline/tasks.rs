@@ -419,6 +419,7 @@ impl Sampling<'_> {
             .or_insert_with(|| {
                 let ids = condition_position_ids(
                     model.config.image_positions,
+                    model.config.text_positions,
                     image_rows,
                     model.tokens_per_tile,
                     len,
