@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use unifusion_model::generator::config::{AutoencoderTinyConfig, Krea2Config};
 use unifusion_model::generator::layers::KeyMask;
 use unifusion_model::generator::sampler::SeededNormal;
-use unifusion_model::generator::tiny_vae::{AutoencoderTiny, TinyEncoder};
+use unifusion_model::generator::tiny_vae::{AutoencoderTiny, TinyEncoder, channel_column};
 use unifusion_model::generator::{
     ImagePositions, Krea2Transformer, RopeTable, TextCondition, TextPositions,
     condition_position_ids, patchify,
@@ -181,12 +181,10 @@ impl LatentNorm {
 
     /// `(z − mean[c]) / std[c]` of latents `[B, C, h, w]`.
     fn apply(&self, z: Tensor<4>) -> Tensor<4> {
-        let c = self.mean.len();
-        let column = |v: &[f64]| {
-            let values: Vec<f32> = v.iter().map(|&a| a as f32).collect();
-            Tensor::<1>::from_data(TensorData::new(values, [c]), &z.device()).reshape([1, c, 1, 1])
-        };
-        let (mean, std) = (column(&self.mean), column(&self.std));
+        let (mean, std) = (
+            channel_column(&self.mean, &z),
+            channel_column(&self.std, &z),
+        );
         (z - mean) / std
     }
 }

@@ -165,15 +165,9 @@ impl TinyDecoder {
             x = x / self.scaling_factor + self.shift_factor;
         }
         if !self.latents_std.is_empty() {
-            let per_channel = |v: &[f64]| {
-                let values: Vec<f32> = v.iter().map(|&a| a as f32).collect();
-                Tensor::<1>::from_data(TensorData::new(values, [v.len()]), &x.device())
-                    .cast(x.dtype())
-                    .reshape([1, v.len(), 1, 1])
-            };
             let (std, mean) = (
-                per_channel(&self.latents_std),
-                per_channel(&self.latents_mean),
+                channel_column(&self.latents_std, &x),
+                channel_column(&self.latents_mean, &x),
             );
             x = x * std + mean;
         }
@@ -309,4 +303,14 @@ impl AutoencoderTiny {
             decoder: TinyDecoder::load(cfg, src, "decoder", device)?,
         })
     }
+}
+
+/// Per-channel values as a `[1, C, 1, 1]` tensor on `like`'s device and in its dtype, to
+/// broadcast over latents `[B, C, h, w]` (per-channel latent statistics).
+pub fn channel_column(values: &[f64], like: &Tensor<4>) -> Tensor<4> {
+    let c = values.len();
+    let values: Vec<f32> = values.iter().map(|&a| a as f32).collect();
+    Tensor::<1>::from_data(TensorData::new(values, [c]), &like.device())
+        .cast(like.dtype())
+        .reshape([1, c, 1, 1])
 }
