@@ -115,6 +115,11 @@ pub struct Args {
     /// the statistics (`latents_mean`, `latents_std`) and the pipeline undoes them.
     #[arg(long)]
     pub dit_normalize_latents: bool,
+    /// Start the DiT from a finished DiT's weights (another run's
+    /// `dit/transformer.safetensors`, same transformer config) and fine-tune them under this
+    /// run's schedule, batch and seed (e.g. a continuation at a bigger batch on a GPU)
+    #[arg(long, value_name = "SAFETENSORS")]
+    pub dit_init: Option<PathBuf>,
     /// Override the VLM's `downsample_ratio` (tuning runs): 1 keeps every 8-px patch as an
     /// image token (64 tokens for a 64-px image) where the recipe's 0.5 merges 2 × 2 patches
     /// (16 tokens). Later stages read it too: give it to every call on that run.
@@ -328,6 +333,15 @@ pub fn run(args: Args) -> Result<(), CliError> {
         config.dit.weight_changes = true;
     }
     config.dit.normalize_latents |= args.dit_normalize_latents;
+    if let Some(path) = &args.dit_init {
+        if !path.is_file() {
+            return Err(CliError::Usage(format!(
+                "--dit-init: no file at {}",
+                path.display()
+            )));
+        }
+        config.dit.init_from = Some(path.clone());
+    }
     let stages: Vec<StageName> = if args.stages.is_empty() {
         StageName::ALL.to_vec()
     } else {
@@ -335,7 +349,14 @@ pub fn run(args: Args) -> Result<(), CliError> {
     };
     let mut bar: Option<(StageName, ProgressBar)> = None;
     let quiet = args.quiet;
+    // Where the latest step stood: a time-boxed call says how far it got.
+    let mut latest: Option<(StageName, Progress, usize)> = None;
     let mut progress = |stage: StageName, p: Progress| {
+        let first = match latest {
+            Some((s, _, first)) if s == stage => first,
+            _ => p.step,
+        };
+        latest = Some((stage, p, first));
         if quiet {
             return;
         }
@@ -382,6 +403,17 @@ pub fn run(args: Args) -> Result<(), CliError> {
     }
     let done: Vec<StageName> = reports.iter().map(|r| r.stage).collect();
     if let Some(left) = stages.iter().find(|s| !done.contains(s)) {
+        if let Some((stage, p, first)) = latest.filter(|(s, _, _)| s == left) {
+            println!(
+                "{:>9}: steps {first}-{} of {} in {:.1} s this call, loss {:.4} (avg {:.4})",
+                stage.as_str(),
+                p.step,
+                p.total,
+                p.elapsed,
+                p.loss,
+                p.smooth
+            );
+        }
         println!(
             "stopped at the time limit during `{}`; run the same command again to resume",
             left.as_str()

@@ -139,6 +139,69 @@ fn normalized_latents_reach_the_model_config_and_generate_reads_it() {
     let _ = std::fs::remove_dir_all(&out);
 }
 
+/// `--dit-init`: a second run's DiT starts from the first run's weights (its first loss, on the
+/// same seed's first batch, is below the fresh run's), and a time-limited call says how far it
+/// got before it stops, resumable.
+#[test]
+fn a_dit_continuation_starts_from_the_given_weights_and_reports_a_time_limited_stop() {
+    let first = scratch("init-a");
+    let second = scratch("init-b");
+    let (a, b) = (
+        first.to_str().expect("utf-8"),
+        second.to_str().expect("utf-8"),
+    );
+    succeeds(&["train", "--out", a, "--tiny", "--quiet"]);
+    for part in ["tokenizer", "vae", "vlm"] {
+        std::fs::create_dir_all(second.join(part)).expect("dir");
+        for entry in std::fs::read_dir(first.join(part)).expect("reads") {
+            let entry = entry.expect("entry");
+            if entry.path().is_file() {
+                std::fs::copy(entry.path(), second.join(part).join(entry.file_name()))
+                    .expect("copies");
+            }
+        }
+    }
+    let weights = first.join("dit/transformer.safetensors");
+    let args = [
+        "train",
+        "--out",
+        b,
+        "--tiny",
+        "--stages",
+        "dit",
+        "--dit-init",
+        weights.to_str().expect("utf-8"),
+        "--quiet",
+    ];
+    let mut limited = args.to_vec();
+    limited.extend(["--time-limit-min", "0"]);
+    let out = String::from_utf8_lossy(&succeeds(&limited).stdout).into_owned();
+    assert!(out.contains("dit: steps 1-1 of "), "{out}");
+    assert!(
+        out.contains("stopped at the time limit during `dit`"),
+        "{out}"
+    );
+    assert!(!second.join("model").exists());
+    succeeds(&args);
+    assert!(second.join("model/transformer.safetensors").exists());
+    assert_eq!(
+        json(&second.join("dit/stage.json"))["dit"]["init_from"],
+        weights.to_str().expect("utf-8")
+    );
+    let first_loss = |dir: &Path| -> f64 {
+        let csv = std::fs::read_to_string(dir.join("dit/loss.csv")).expect("loss.csv");
+        let row = csv.lines().nth(1).expect("a step");
+        row.split(',')
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .expect("loss")
+    };
+    let (fresh, resumed) = (first_loss(&first), first_loss(&second));
+    assert!(resumed < fresh, "continued {resumed} vs fresh {fresh}");
+    let _ = std::fs::remove_dir_all(&first);
+    let _ = std::fs::remove_dir_all(&second);
+}
+
 #[test]
 fn bad_flags_are_one_line_and_exit_2() {
     let out = scratch("bad");
@@ -171,6 +234,13 @@ fn bad_flags_are_one_line_and_exit_2() {
         ],
         vec!["train", "--out", o, "--vlm-downsample-ratio", "0.3"],
         vec!["train", "--out", o, "--vlm-downsample-ratio", "NaN"],
+        vec![
+            "train",
+            "--out",
+            o,
+            "--dit-init",
+            "/nonexistent/transformer.safetensors",
+        ],
     ] {
         let r = unifusion(&args);
         assert_eq!(r.status.code(), Some(2), "{args:?}");

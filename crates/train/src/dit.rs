@@ -108,6 +108,12 @@ pub struct DitStageConfig {
     /// them before decoding. Off: the raw latents, as before.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub normalize_latents: bool,
+    /// Start from a finished DiT's weights (another run's `dit/transformer.safetensors`, the
+    /// same transformer config) instead of a fresh initialisation: the stage then fine-tunes
+    /// them under its own schedule, batch and seed (a continuation with other settings,
+    /// e.g. a bigger batch on a GPU). Fresh optimizer state either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<std::path::PathBuf>,
 }
 
 /// Per-channel statistics of the frozen encoder's latents: the DiT trains on
@@ -271,6 +277,7 @@ impl DitStageConfig {
             text_positions: TextPositions::Origin,
             weight_changes: false,
             normalize_latents: false,
+            init_from: None,
         }
     }
 
@@ -305,6 +312,7 @@ impl DitStageConfig {
             text_positions: TextPositions::Origin,
             weight_changes: false,
             normalize_latents: false,
+            init_from: None,
         }
     }
 }
@@ -498,7 +506,17 @@ impl DitStage {
         } else {
             None
         };
-        let dit = Trainable::new(model, names, config.optim.clone()).with_ema(config.ema_decay, 4);
+        let mut dit =
+            Trainable::new(model, names, config.optim.clone()).with_ema(config.ema_decay, 4);
+        if let Some(path) = &config.init_from {
+            let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, e))?;
+            let tensors = read_safetensors(&bytes).map_err(|e| {
+                TrainError::Checkpoint(format!("{} (--dit-init): {e}", path.display()))
+            })?;
+            dit.import(&tensors).map_err(|e| {
+                TrainError::Checkpoint(format!("{} (--dit-init): {e}", path.display()))
+            })?;
+        }
         Ok(Self {
             config,
             seed,
@@ -798,6 +816,38 @@ mod tests {
             taps,
         };
         DitStage::new(config, frozen, 5, Backend::Flex).expect("builds")
+    }
+
+    #[test]
+    fn init_from_starts_at_another_runs_weights_and_refuses_a_bad_file() {
+        let trained = tiny_stage(|c| c.optim.steps = 2);
+        let mut trained = trained;
+        trained.step(0).expect("steps");
+        let dir = std::env::temp_dir().join(format!("unifusion-dit-init-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("transformer.safetensors");
+        std::fs::write(
+            &path,
+            crate::named::safetensors_bytes(&trained.tensors()).expect("bytes"),
+        )
+        .expect("writes");
+        let fresh = tiny_stage(|_| {}).tensors();
+        let resumed = tiny_stage(|c| c.init_from = Some(path.clone())).tensors();
+        assert_eq!(resumed, trained.tensors());
+        assert_ne!(resumed, fresh, "the step moved the weights");
+
+        let bad = dir.join("bad.safetensors");
+        std::fs::write(&bad, b"not safetensors").expect("writes");
+        let frozen = || tiny_stage(|_| {}).frozen;
+        let mut config = tiny_stage(|_| {}).config;
+        config.init_from = Some(bad.clone());
+        let err = DitStage::new(config.clone(), frozen(), 5, Backend::Flex)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("bad.safetensors"), "{err}");
+        config.init_from = Some(dir.join("missing.safetensors"));
+        assert!(DitStage::new(config, frozen(), 5, Backend::Flex).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
