@@ -62,6 +62,11 @@ pub struct Args {
     /// Override the DiT's RoPE base (tuning runs; the recipe's value otherwise).
     #[arg(long)]
     pub dit_rope_theta: Option<f64>,
+    /// Also give the DiT's image tokens a fixed 2-D sine-cosine embedding of their absolute
+    /// grid position, beside RoPE (DiT's and SD3's layout; the packed model's transformer
+    /// config records it as `abs_pos_embed`)
+    #[arg(long)]
+    pub dit_abs_pos: bool,
     /// Override the DiT loss's extra weight on object tokens (tuning runs; 0 = plain MSE).
     #[arg(long)]
     pub dit_foreground_weight: Option<f32>,
@@ -215,6 +220,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
         }
         config.dit.transformer.rope_theta = theta;
     }
+    config.dit.transformer.abs_pos_embed |= args.dit_abs_pos;
     if let Some(w) = args.dit_foreground_weight {
         if !(w.is_finite() && w >= 0.0) {
             return Err(CliError::Usage(

@@ -187,6 +187,62 @@ fn fully_padded_prompt_gives_no_nan() {
     }
 }
 
+/// `abs_pos_embed` (our extension): off in diffusers' config (the parity test above runs
+/// with it off), written to JSON only when on, refused for a width not divisible by 4, and on
+/// it changes the output of the same weights.
+#[test]
+fn the_absolute_position_embedding_is_an_opt_in_extension() {
+    let cfg: Krea2Config = config("krea2");
+    assert!(!cfg.abs_pos_embed);
+    let json = serde_json::to_value(&cfg).expect("json");
+    assert!(json.get("abs_pos_embed").is_none(), "{json}");
+    let on = Krea2Config {
+        abs_pos_embed: true,
+        ..cfg.clone()
+    };
+    let back: Krea2Config =
+        serde_json::from_value(serde_json::to_value(&on).expect("json")).expect("reads");
+    assert_eq!(back, on);
+    let odd = Krea2Config {
+        attention_head_dim: 6,
+        num_attention_heads: 1,
+        num_key_value_heads: 1,
+        axes_dims_rope: [2, 2, 2],
+        ..on.clone()
+    };
+    assert!(odd.validate().is_err());
+
+    let io = tensors("krea2", "inputs.safetensors");
+    let device = Device::flex();
+    let run = |c: &Krea2Config| {
+        let mut w = weights("krea2", "weights.safetensors");
+        let model = Krea2Transformer::load(c, &mut w, &device).expect("model loads");
+        let (_, v) = values(
+            model
+                .forward(
+                    tensor(&io, "hidden_states", &device),
+                    tensor(&io, "encoder_hidden_states", &device),
+                    tensor(&io, "timestep", &device),
+                    &rope(&io, c, &device),
+                    Some(mask(&io, &device)),
+                )
+                .expect("forward"),
+        );
+        v
+    };
+    let (off, with) = (run(&cfg), run(&on));
+    let moved = off
+        .iter()
+        .zip(&with)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        moved > 1e-3,
+        "the embedding moved the output by {moved} only"
+    );
+    assert!(with.iter().all(|x| x.is_finite()));
+}
+
 #[test]
 fn padding_tokens_do_not_change_the_output() {
     // Masked text tokens must not influence the image tokens: perturbing them changes nothing.

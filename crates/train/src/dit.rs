@@ -239,6 +239,7 @@ fn dit_config(
         // (2800 steps: 0.320 against 0.365, relation 0.145 against 0.245); docs/TRAINING.md.
         rope_theta: 1000.0,
         norm_eps: 1e-5,
+        abs_pos_embed: false,
     }
 }
 
@@ -963,6 +964,18 @@ mod tests {
         let moved = origin
             .iter()
             .zip(&centre)
+            .flat_map(|(x, y)| x.2.iter().zip(&y.2).map(|(p, q)| (p - q).abs()))
+            .fold(0.0f32, f32::max);
+        assert!(moved > 1e-4, "weights moved by {moved} at most");
+    }
+
+    #[test]
+    fn absolute_positions_change_text_to_image_training() {
+        let rope_only = two_steps(0.0, 1.0, |_| {});
+        let absolute = two_steps(0.0, 1.0, |c| c.transformer.abs_pos_embed = true);
+        let moved = rope_only
+            .iter()
+            .zip(&absolute)
             .flat_map(|(x, y)| x.2.iter().zip(&y.2).map(|(p, q)| (p - q).abs()))
             .fold(0.0f32, f32::max);
         assert!(moved > 1e-4, "weights moved by {moved} at most");

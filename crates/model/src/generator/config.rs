@@ -45,6 +45,11 @@ pub struct Krea2Config {
     pub rope_theta: f64,
     /// Epsilon of every RMSNorm.
     pub norm_eps: f64,
+    /// Also add a fixed 2-D sine-cosine embedding of each image token's absolute grid position
+    /// to the image tokens after `img_in` (DiT's and SD3's layout, beside RoPE). Not a diffusers
+    /// field: our extension, `false` for every Krea 2 checkpoint and written only when on.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub abs_pos_embed: bool,
 }
 
 impl Default for Krea2Config {
@@ -74,6 +79,7 @@ impl Krea2Config {
             axes_dims_rope: [32, 48, 48],
             rope_theta: 1000.0,
             norm_eps: 1e-5,
+            abs_pos_embed: false,
         }
     }
 
@@ -99,6 +105,7 @@ impl Krea2Config {
             axes_dims_rope: [32, 48, 48],
             rope_theta: 1000.0,
             norm_eps: 1e-5,
+            abs_pos_embed: false,
         }
     }
 
@@ -122,6 +129,7 @@ impl Krea2Config {
             axes_dims_rope: [2, 2, 4],
             rope_theta: 1000.0,
             norm_eps: 1e-5,
+            abs_pos_embed: false,
         }
     }
 
@@ -142,6 +150,12 @@ impl Krea2Config {
         }
         if self.axes_dims_rope.iter().any(|d| d % 2 != 0) {
             return err("every axes_dims_rope entry must be even".into());
+        }
+        if self.abs_pos_embed && !self.hidden_size().is_multiple_of(4) {
+            return err(format!(
+                "abs_pos_embed needs a DiT width divisible by 4, not {}",
+                self.hidden_size()
+            ));
         }
         if !self.timestep_embed_dim.is_multiple_of(2) || self.timestep_embed_dim == 0 {
             return err("timestep_embed_dim must be even and positive".into());

@@ -211,6 +211,9 @@ pub struct Krea2Transformer {
     pub rope_axes: [usize; 3],
     /// RoPE base.
     pub rope_theta: f64,
+    /// Add the fixed absolute position embedding to the image tokens
+    /// ([`Krea2Config::abs_pos_embed`]).
+    pub abs_pos_embed: bool,
 }
 
 impl Krea2Transformer {
@@ -255,6 +258,7 @@ impl Krea2Transformer {
             in_channels: c,
             rope_axes: config.axes_dims_rope,
             rope_theta: config.rope_theta,
+            abs_pos_embed: config.abs_pos_embed,
         })
     }
 
@@ -346,13 +350,13 @@ impl Krea2Transformer {
         });
 
         let latent_dtype = hidden_states.dtype();
-        let mut h = Tensor::cat(
-            vec![
-                text.tokens.clone(),
-                self.img_in.forward(to_compute(hidden_states)),
-            ],
-            1,
-        );
+        let mut image = self.img_in.forward(to_compute(hidden_states));
+        if self.abs_pos_embed {
+            let d = image.dims()[2];
+            let table = rope.absolute_embedding(n_image, d, &image.device());
+            image = image + to_compute(table);
+        }
+        let mut h = Tensor::cat(vec![text.tokens.clone(), image], 1);
         for block in &self.transformer_blocks {
             h = block.forward(h, temb_mod.clone(), rope, mask.as_ref());
         }

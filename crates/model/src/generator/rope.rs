@@ -108,6 +108,8 @@ pub struct RopeTable {
     /// `sin(angle)` per channel, negated on even channels so that
     /// `rope(x) = x·cos + swap_pairs(x)·sin`.
     sin_signed: Tensor<3>,
+    /// The `(h, w)` positions of every row, per layout (for [`Self::absolute_embedding`]).
+    hw: Vec<Vec<[f32; 2]>>,
 }
 
 impl RopeTable {
@@ -155,7 +157,36 @@ impl RopeTable {
         Self {
             cos: Tensor::from_data(TensorData::new(cos, shape), device),
             sin_signed: Tensor::from_data(TensorData::new(sin, shape), device),
+            hw: layouts
+                .iter()
+                .map(|l| l.iter().map(|p| [p[1], p[2]]).collect())
+                .collect(),
         }
+    }
+
+    /// A fixed 2-D sine-cosine embedding of the last `rows` rows' absolute `(h, w)` positions
+    /// (DiT's and SD3's `get_2d_sincos_pos_embed`: `dim / 2` channels per axis, each
+    /// `[sin(p·ω_k); cos(p·ω_k)]` with `ω_k = 10000^(−k / (dim / 4))`), `[layouts, rows, dim]`,
+    /// added to the image tokens by a DiT with `abs_pos_embed`. `dim` must be a multiple of 4
+    /// (the config's validation checks it).
+    pub fn absolute_embedding(&self, rows: usize, dim: usize, device: &Device) -> Tensor<3> {
+        let quarter = dim / 4;
+        let mut out = Vec::with_capacity(self.hw.len() * rows * dim);
+        for layout in &self.hw {
+            for hw in &layout[layout.len().saturating_sub(rows)..] {
+                for &p in hw {
+                    let angles = (0..quarter)
+                        .map(|k| p as f64 * 10000f64.powf(-(k as f64) / quarter as f64));
+                    out.extend(angles.clone().map(|a| a.sin() as f32));
+                    out.extend(angles.map(|a| a.cos() as f32));
+                }
+            }
+        }
+        let rows = rows.min(self.len());
+        Tensor::from_data(
+            TensorData::new(out, [self.hw.len(), rows, 4 * quarter]),
+            device,
+        )
     }
 
     /// Rows (tokens) in the table.
@@ -243,6 +274,41 @@ mod tests {
         assert_eq!(grid[..8], grid_origin[..8]);
         assert_eq!(grid[8], [0.0, 1.5, 2.5]);
         assert_eq!(grid[9..], grid_origin[9..]);
+    }
+
+    #[test]
+    fn the_absolute_embedding_is_sine_cosine_of_each_image_rows_grid_position() {
+        let device = Device::flex();
+        // 2 text rows at the origin, a 2 × 3 grid; width 8: 2 frequencies per axis.
+        let table = RopeTable::new(&position_ids(2, 2, 3), [2, 2, 4], 1000.0, &device);
+        let emb = table.absolute_embedding(6, 8, &device);
+        assert_eq!(emb.dims(), [1, 6, 8]);
+        let v = emb.into_data().to_vec::<f32>().expect("f32");
+        // Image row 4 is grid cell (1, 1); row 5 is (1, 2). ω = 1, 10000^(-1/2) = 0.01.
+        let want = |h: f32, w: f32| {
+            let a = [h, h * 0.01, w, w * 0.01];
+            [
+                a[0].sin(),
+                a[1].sin(),
+                a[0].cos(),
+                a[1].cos(),
+                a[2].sin(),
+                a[3].sin(),
+                a[2].cos(),
+                a[3].cos(),
+            ]
+        };
+        for (row, (h, w)) in [(0, (0.0, 0.0)), (4, (1.0, 1.0)), (5, (1.0, 2.0))] {
+            for (got, want) in v[row * 8..row * 8 + 8].iter().zip(want(h, w)) {
+                assert!((got - want).abs() < 1e-6, "row {row}: {got} vs {want}");
+            }
+        }
+        // Per-sample layouts give one embedding each.
+        let a = position_ids(1, 1, 2);
+        let b =
+            condition_position_ids(ImagePositions::Origin, TextPositions::Center, 0, 1, 1, 1, 2);
+        let per = RopeTable::per_sample(&[&a, &b], [2, 2, 4], 1000.0, &device);
+        assert_eq!(per.absolute_embedding(2, 8, &device).dims(), [2, 2, 8]);
     }
 
     #[test]
