@@ -283,7 +283,7 @@ mod tests {
         let table = RopeTable::new(&position_ids(2, 2, 3), [2, 2, 4], 1000.0, &device);
         let emb = table.absolute_embedding(6, 8, &device);
         assert_eq!(emb.dims(), [1, 6, 8]);
-        let v = emb.into_data().to_vec::<f32>().expect("f32");
+        let v = emb.into_data().try_to_vec::<f32>().expect("f32");
         // Image row 4 is grid cell (1, 1); row 5 is (1, 2). ω = 1, 10000^(-1/2) = 0.01.
         let want = |h: f32, w: f32| {
             let a = [h, h * 0.01, w, w * 0.01];
