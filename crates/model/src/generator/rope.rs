@@ -170,10 +170,10 @@ impl RopeTable {
     /// added to the image tokens by a DiT with `abs_pos_embed`. `dim` must be a multiple of 4
     /// (the config's validation checks it).
     pub fn absolute_embedding(&self, rows: usize, dim: usize, device: &Device) -> Tensor<3> {
-        let quarter = dim / 4;
+        let (quarter, rows) = (dim / 4, rows.min(self.len()));
         let mut out = Vec::with_capacity(self.hw.len() * rows * dim);
         for layout in &self.hw {
-            for hw in &layout[layout.len().saturating_sub(rows)..] {
+            for hw in &layout[layout.len() - rows..] {
                 for &p in hw {
                     let angles = (0..quarter)
                         .map(|k| p as f64 * 10000f64.powf(-(k as f64) / quarter as f64));
@@ -182,7 +182,6 @@ impl RopeTable {
                 }
             }
         }
-        let rows = rows.min(self.len());
         Tensor::from_data(
             TensorData::new(out, [self.hw.len(), rows, 4 * quarter]),
             device,
