@@ -250,10 +250,11 @@ impl DitStageConfig {
             transformer: dit_config(vlm, taps, latent_channels, (6, 6, 256)),
             batch: 8,
             optim: OptimConfig {
-                // 3.6× r7's 2800 steps, bought by the shards below (run r14, docs/TRAINING.md
-                // "More samples"): the single-object split rises from 0.404 to 0.589 and the
-                // over-drawing stops (held-out count 0.016 → 0.227).
-                steps: 10_000,
+                // 2.5× r7's 2800 steps, bought by the shards below. 10 000 (r14, r15, r20)
+                // made the recipe 102 minutes when timed alone (docs/TRAINING.md "The whole
+                // recipe timed"); 5000 scored level with 10 000 on the same VLM (r22 against
+                // r20), so 7000 keeps the recipe inside its 90.
+                steps: 7_000,
                 lr: 1e-3,
                 warmup: 100,
                 final_lr_fraction: 0.05,
