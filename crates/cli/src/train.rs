@@ -406,6 +406,13 @@ pub fn run(args: Args) -> Result<(), CliError> {
             r.last_loss,
             r.details
         );
+        if r.other_settings {
+            println!(
+                "{:>9}: finished earlier under other settings (its stage.json), kept as it is; delete {} to retrain it",
+                r.stage.as_str(),
+                args.out.join(r.stage.as_str()).display()
+            );
+        }
     }
     let done: Vec<StageName> = reports.iter().map(|r| r.stage).collect();
     if let Some(left) = stages.iter().find(|s| !done.contains(s)) {

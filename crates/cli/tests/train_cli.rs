@@ -65,6 +65,20 @@ fn tiny_tokenizer_and_vae_stages_write_their_files_and_resume() {
         std::fs::read_to_string(out.join("vae/report.json")).expect("report"),
         report
     );
+    assert!(!String::from_utf8_lossy(&succeeds(&args).stdout).contains("other settings"));
+    // Under other settings a finished stage is still kept, and the run says so.
+    let mut sharded = args.to_vec();
+    sharded.extend(["--vae-shards", "2"]);
+    let stdout = String::from_utf8_lossy(&succeeds(&sharded).stdout).into_owned();
+    assert!(
+        stdout.contains("vae: finished earlier under other settings"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("tokenizer: finished earlier"), "{stdout}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("vae/report.json")).expect("report"),
+        report
+    );
     let _ = std::fs::remove_dir_all(&out);
 }
 

@@ -203,6 +203,10 @@ pub struct StageReport {
     pub last_loss: f32,
     /// Stage-specific measurements.
     pub details: serde_json::Value,
+    /// Set (never written) when the stage had finished earlier under settings other than
+    /// this call's: its output is kept as it is, and the caller should say so.
+    #[serde(default, skip_serializing)]
+    pub other_settings: bool,
 }
 
 fn write_json(path: &Path, value: &impl Serialize) -> Result<(), TrainError> {
@@ -232,8 +236,10 @@ pub fn run(
         if report_path.exists() {
             let text = std::fs::read_to_string(&report_path)
                 .map_err(|e| TrainError::io(&report_path, e))?;
-            let report: StageReport = serde_json::from_str(&text)
+            let mut report: StageReport = serde_json::from_str(&text)
                 .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", report_path.display())))?;
+            report.other_settings =
+                saved_settings(&dir)?.is_some_and(|saved| saved != config.stage_settings(stage));
             reports.push(report);
             continue;
         }
@@ -265,20 +271,26 @@ pub fn run(
 /// stage starts, and a resume with other settings is refused (a later stage's settings may
 /// change while an earlier stage's output is reused).
 fn check_stage_settings(dir: &Path, settings: &serde_json::Value) -> Result<(), TrainError> {
-    let path = dir.join("stage.json");
-    if path.exists() {
-        let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
-        let saved: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
-        if &saved != settings {
-            return Err(TrainError::Checkpoint(format!(
-                "{} was trained with other settings (seed, backend or the stage's config); use another --out or delete that directory",
-                dir.display()
-            )));
-        }
-        return Ok(());
+    match saved_settings(dir)? {
+        Some(saved) if &saved != settings => Err(TrainError::Checkpoint(format!(
+            "{} was trained with other settings (seed, backend or the stage's config); use another --out or delete that directory",
+            dir.display()
+        ))),
+        Some(_) => Ok(()),
+        None => write_json(&dir.join("stage.json"), settings),
     }
-    write_json(&path, settings)
+}
+
+/// The settings a stage's `stage.json` recorded, if it has one.
+fn saved_settings(dir: &Path) -> Result<Option<serde_json::Value>, TrainError> {
+    let path = dir.join("stage.json");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TrainError> {
@@ -347,6 +359,7 @@ fn run_vlm(
     let (first, last) = run.curve.first_last_mean(20);
     Ok(Some(StageReport {
         stage: StageName::Vlm,
+        other_settings: false,
         seconds: run.seconds,
         steps: config.vlm.optim.steps,
         first_loss: first,
@@ -429,6 +442,7 @@ fn run_dit(
     let (first, last) = run.curve.first_last_mean(20);
     Ok(Some(StageReport {
         stage: StageName::Dit,
+        other_settings: false,
         seconds: run.seconds,
         steps: config.dit.optim.steps,
         first_loss: first,
@@ -458,6 +472,7 @@ fn run_tokenizer(dir: &Path, config: &RecipeConfig) -> Result<StageReport, Train
     }
     Ok(StageReport {
         stage: StageName::Tokenizer,
+        other_settings: false,
         seconds: began.elapsed().as_secs_f64(),
         steps: 0,
         first_loss: 0.0,
@@ -503,6 +518,7 @@ fn run_vae(
     let (first, last) = run.curve.first_last_mean(20);
     Ok(Some(StageReport {
         stage: StageName::Vae,
+        other_settings: false,
         seconds: run.seconds,
         steps: config.vae.optim.steps,
         first_loss: first,
