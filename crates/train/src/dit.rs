@@ -251,9 +251,9 @@ impl DitStageConfig {
             batch: 8,
             optim: OptimConfig {
                 // 2.5× r7's 2800 steps, bought by the shards below. 10 000 (r14, r15, r20)
-                // made the recipe 102 minutes when timed alone (docs/TRAINING.md "The whole
-                // recipe timed"); 5000 scored level with 10 000 on the same VLM (r22 against
-                // r20), so 7000 keeps the recipe inside its 90.
+                // would make the recipe about 100 minutes at r28's measured step times
+                // (docs/TRAINING.md "The whole recipe timed alone": 81 minutes at 7000); 5000
+                // and 7000 scored level with 10 000 on the same VLM (r22, r28 against r20).
                 steps: 7_000,
                 lr: 1e-3,
                 warmup: 100,
@@ -911,8 +911,6 @@ mod tests {
         }
     }
 
-    /// The tiny stage's weights after 2 steps without condition dropout on a mix of edits and
-    /// text to image only, with `tweak` applied to its config.
     /// The largest change of any weight between two exports of the same model.
     fn largest_change(a: &NamedTensors, b: &NamedTensors) -> f32 {
         a.iter()
@@ -921,6 +919,8 @@ mod tests {
             .fold(0.0f32, f32::max)
     }
 
+    /// The tiny stage's weights after 2 steps without condition dropout on a mix of edits and
+    /// text to image only, with `tweak` applied to its config.
     fn two_steps(edit: f32, rewrite: f32, tweak: impl FnOnce(&mut DitStageConfig)) -> NamedTensors {
         let mut stage = tiny_stage(|c| {
             c.cond_dropout = 0.0;
