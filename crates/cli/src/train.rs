@@ -59,6 +59,11 @@ pub struct Args {
     /// `plain-loss` (unweighted flow-matching MSE: no extra weight on object tokens).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub ablation: Vec<Ablation>,
+    /// Override the DiT's size as `HEADS,BLOCKS,MLP`: attention heads of 16 channels (the
+    /// width is 16·HEADS, key/value heads HEADS/2), transformer blocks, and the MLP's hidden
+    /// width (the recipe: 6,6,256). LAP and the refiner keep the VLM's width.
+    #[arg(long, value_delimiter = ',', value_name = "HEADS,BLOCKS,MLP")]
+    pub dit_size: Option<Vec<usize>>,
     /// Override the DiT's RoPE base (tuning runs; the recipe's value otherwise).
     #[arg(long)]
     pub dit_rope_theta: Option<f64>,
@@ -211,6 +216,26 @@ pub fn run(args: Args) -> Result<(), CliError> {
         }
         config.dit.optim.steps = steps;
         config.dit.optim.warmup = config.dit.optim.warmup.min(steps / 10);
+    }
+    if let Some(size) = &args.dit_size {
+        let &[heads, blocks, mlp] = size.as_slice() else {
+            return Err(CliError::Usage("--dit-size takes HEADS,BLOCKS,MLP".into()));
+        };
+        if !(2..=64).contains(&heads) || heads % 2 != 0 {
+            return Err(CliError::Usage(
+                "--dit-size: HEADS must be even, 2 to 64".into(),
+            ));
+        }
+        if !(1..=64).contains(&blocks) || !(16..=16384).contains(&mlp) {
+            return Err(CliError::Usage(
+                "--dit-size: BLOCKS must be 1 to 64 and MLP 16 to 16384".into(),
+            ));
+        }
+        let t = &mut config.dit.transformer;
+        t.num_attention_heads = heads;
+        t.num_key_value_heads = heads / 2;
+        t.num_layers = blocks;
+        t.intermediate_size = mlp;
     }
     if let Some(theta) = args.dit_rope_theta {
         if !(theta.is_finite() && theta > 1.0) {

@@ -153,6 +153,48 @@ fn normalized_latents_reach_the_model_config_and_generate_reads_it() {
     let _ = std::fs::remove_dir_all(&out);
 }
 
+/// `--dit-size`: the tiny recipe trains a DiT of the given heads, blocks and MLP width, its
+/// stage and the model directory's transformer config record them, and `generate` loads it.
+#[test]
+fn the_dit_size_reaches_the_stage_and_the_model() {
+    let out = scratch("size");
+    let o = out.to_str().expect("utf-8 path");
+    succeeds(&[
+        "train",
+        "--out",
+        o,
+        "--tiny",
+        "--dit-size",
+        "4,3,48",
+        "--quiet",
+    ]);
+    let read = |file: &str| json(&out.join(file));
+    let stage = &read("dit/stage.json")["dit"]["transformer"];
+    let model = &read("model/config.json")["transformer"];
+    for t in [stage, model] {
+        assert_eq!(t["num_attention_heads"], 4, "{t}");
+        assert_eq!(t["num_key_value_heads"], 2, "{t}");
+        assert_eq!(t["num_layers"], 3, "{t}");
+        assert_eq!(t["intermediate_size"], 48, "{t}");
+    }
+    let png = out.join("image.png");
+    let model = out.join("model");
+    succeeds(&[
+        "generate",
+        "--model",
+        model.to_str().expect("utf-8"),
+        "--prompt",
+        "a red star",
+        "--steps",
+        "2",
+        "--out",
+        png.to_str().expect("utf-8"),
+        "--quiet",
+    ]);
+    assert!(image::open(&png).is_ok(), "generate wrote no image");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
 /// `--dit-init`: a second run's DiT starts from the first run's weights (its first loss, on the
 /// same seed's first batch, is below the fresh run's), and a time-limited call says how far it
 /// got before it stops, resumable.
@@ -246,6 +288,10 @@ fn bad_flags_are_one_line_and_exit_2() {
             "--ablation",
             "plain-loss",
         ],
+        vec!["train", "--out", o, "--dit-size", "5,6,256"],
+        vec!["train", "--out", o, "--dit-size", "6,0,256"],
+        vec!["train", "--out", o, "--dit-size", "6,6"],
+        vec!["train", "--out", o, "--dit-size", "6,6,8"],
         vec!["train", "--out", o, "--vlm-downsample-ratio", "0.3"],
         vec!["train", "--out", o, "--vlm-downsample-ratio", "NaN"],
         vec![

@@ -1090,6 +1090,68 @@ mod timing {
         }
     }
 
+    /// `UNIFUSION_RECIPE_OUT=/work/train-out/recipe cargo test --workspace dit_step_profile --
+    /// --ignored --nocapture`: how much of a recipe DiT step (batch 8, one thread) the frozen
+    /// parts take (the VLM's conditions and the VAE encoder's latents of the same samples), and
+    /// whole steps of wider and deeper DiTs (heads of 16, blocks, MLP width) beside the recipe's.
+    #[test]
+    #[ignore]
+    fn dit_step_profile() {
+        let Some(out) = recipe_out("vae/ and vlm/") else {
+            return;
+        };
+        let recipe = crate::recipe::RecipeConfig::recipe(0, Backend::Flex);
+        let frozen = crate::recipe::frozen(&out, &recipe).expect("frozen parts");
+        let plain = Device::flex();
+        for k in 0..3 {
+            let samples: Vec<Sample> = (0..8)
+                .map(|i| sample(mix(0, 0xD1), (k * 8 + i) as u64, &recipe.dit.mix))
+                .collect();
+            let t = Instant::now();
+            let batch = make_batch(
+                &samples,
+                &frozen.tokenizer,
+                &frozen.vlm_config,
+                frozen.image_size,
+                &plain,
+            )
+            .expect("batch");
+            let conds = frozen.conditions(batch, true).expect("conditions");
+            let _ = conds[0].clone().into_data();
+            let vlm_s = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let rendered: Vec<_> = samples
+                .iter()
+                .map(|s| {
+                    render(&s.target, &RenderConfig::with_size(frozen.image_size)).expect("renders")
+                })
+                .collect();
+            let z = frozen
+                .encoder
+                .encode(rendered_batch(&rendered, &plain))
+                .expect("encodes");
+            let _ = z.into_data();
+            let vae_s = t.elapsed().as_secs_f64();
+            println!("batch 8: frozen VLM conditions {vlm_s:.3} s, VAE encoder {vae_s:.3} s");
+        }
+        for (heads, layers, ffn) in [(6, 6, 256), (8, 6, 384), (12, 6, 512), (6, 12, 256)] {
+            let frozen = crate::recipe::frozen(&out, &recipe).expect("frozen parts");
+            let mut config = recipe.dit.clone();
+            config.transformer.num_attention_heads = heads;
+            config.transformer.num_key_value_heads = heads / 2;
+            config.transformer.num_layers = layers;
+            config.transformer.intermediate_size = ffn;
+            let mut stage = DitStage::new(config, frozen, 0, Backend::Flex).expect("builds");
+            let mut times = Vec::new();
+            for k in 0..4 {
+                let t = Instant::now();
+                stage.step(k).expect("step");
+                times.push(t.elapsed().as_secs_f64());
+            }
+            println!("heads {heads} layers {layers} ffn {ffn}: steps {times:.3?} s");
+        }
+    }
+
     /// `UNIFUSION_RECIPE_OUT=/work/train-out/recipe cargo test --workspace latent_channel_stats
     /// -- --ignored --nocapture`: what `--dit-normalize-latents` would measure on a finished
     /// VAE (the recipe's scenes at seed 0).
