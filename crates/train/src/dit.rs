@@ -585,6 +585,32 @@ fn shard_loss(
     shard: usize,
     shards: usize,
 ) -> Result<Tensor<1>, TrainError> {
+    let batch = parts.config.batch;
+    let (first, end) = shard_range(batch, shard, shards);
+    let samples: Vec<Sample> = (first..end)
+        .map(|i| {
+            sample(
+                mix(parts.seed, 0xD1),
+                (k * batch + i) as u64,
+                &parts.config.mix,
+            )
+        })
+        .collect();
+    Ok(samples_loss(parts, model, &samples, &samples, k, shard, shards)?.0)
+}
+
+/// The flow-matching loss of `drawn`'s targets under the conditions of `told` (the same
+/// samples in training; another description of them in `condition_use`), with the noise,
+/// timesteps and dropout of shard `shard` of step `k`; also the timesteps drawn.
+fn samples_loss(
+    parts: &Parts<'_>,
+    model: &Krea2Transformer,
+    told: &[Sample],
+    drawn: &[Sample],
+    k: usize,
+    shard: usize,
+    shards: usize,
+) -> Result<(Tensor<1>, Vec<f32>), TrainError> {
     let Parts {
         config,
         seed,
@@ -593,16 +619,12 @@ fn shard_loss(
         null,
         latent_norm,
     } = *parts;
-    let batch = config.batch;
-    let (first, end) = shard_range(batch, shard, shards);
-    let b = end - first;
+    let b = drawn.len();
     let stream = |base: u64| shard_seed(mix(seed, base + ((k as u64) << 8)), shard, shards);
     let plain = device.clone().inner();
-    let samples: Vec<Sample> = (first..end)
-        .map(|i| sample(mix(seed, 0xD1), (k * batch + i) as u64, &config.mix))
-        .collect();
+    let samples = drawn;
     let vlm_batch = make_batch(
-        &samples,
+        told,
         &frozen.tokenizer,
         &frozen.vlm_config,
         frozen.image_size,
@@ -697,7 +719,7 @@ fn shard_loss(
         .map_err(|e| TrainError::Model(e.to_string()))?;
     let err = (v - target).square().mean_dim(2); // [B, T, 1]
     if config.foreground_weight == 0.0 {
-        return Ok(err.mean());
+        return Ok((err.mean(), t));
     }
     let tokens = (lh / 2) * (lw / 2);
     let side = frozen.image_size / (lw / 2) as u32;
@@ -727,7 +749,7 @@ fn shard_loss(
     }
     let total: f32 = weights.iter().sum();
     let w = Tensor::<3>::from_data(TensorData::new(weights, [b, tokens, 1]), device);
-    Ok((err * w).sum() / total)
+    Ok(((err * w).sum() / total, t))
 }
 
 /// The last tap of `cond` `[B, L, n, h]` through the refiner and `txt_in`, LAP skipped: the
@@ -1149,6 +1171,150 @@ mod timing {
                 times.push(t.elapsed().as_secs_f64());
             }
             println!("heads {heads} layers {layers} ffn {ffn}: steps {times:.3?} s");
+        }
+    }
+
+    /// The scene with every object in the next object's cell (one object: the next cell of the
+    /// grid diagonally), and `order` remapped onto the re-sorted objects.
+    fn moved(s: &Sample) -> Sample {
+        use unifusion_world::{Cell, Scene};
+        let objects = s.target.objects();
+        let n = objects.len();
+        let new: Vec<_> = (0..n)
+            .map(|i| {
+                let mut o = objects[i];
+                o.cell = if n == 1 {
+                    Cell::new((o.cell.row() + 1) % 3, (o.cell.col() + 1) % 3).expect("on grid")
+                } else {
+                    objects[(i + 1) % n].cell
+                };
+                o
+            })
+            .collect();
+        let target = Scene::new(s.target.background(), new.clone()).expect("a scene");
+        let at = |o| target.objects().iter().position(|p| *p == o).expect("kept");
+        let order = s.order.iter().map(|&i| at(new[i])).collect();
+        Sample {
+            target,
+            order,
+            ..s.clone()
+        }
+    }
+
+    /// The scene with every object in the next object's colour (one object, or one colour for
+    /// all: the next colour of the world's list), cells unchanged.
+    fn recoloured(s: &Sample) -> Sample {
+        use unifusion_world::{Color, Scene};
+        let objects = s.target.objects();
+        let n = objects.len();
+        let next = |c: Color| {
+            let i = Color::ALL.iter().position(|&x| x == c).expect("listed");
+            Color::ALL[(i + 1) % Color::ALL.len()]
+        };
+        let same = objects.iter().all(|o| o.color == objects[0].color);
+        let new: Vec<_> = (0..n)
+            .map(|i| {
+                let mut o = objects[i];
+                o.color = if same {
+                    next(o.color)
+                } else {
+                    objects[(i + 1) % n].color
+                };
+                o
+            })
+            .collect();
+        Sample {
+            target: Scene::new(s.target.background(), new).expect("a scene"),
+            ..s.clone()
+        }
+    }
+
+    /// `UNIFUSION_RECIPE_OUT=/work/train-out/r29 cargo test -p unifusion-train --lib
+    /// condition_use -- --ignored --nocapture`: does a finished DiT use where its description
+    /// puts each object, and in which colour? Text-to-image samples of the recipe's stream
+    /// (fresh indices), each scored under the training loss with the same noise and timestep
+    /// given (a) its own description, (b) the objects moved to each other's cells, (c) the
+    /// objects in each other's colours, (d) the null condition; mean loss per band of `t`.
+    /// The DiT's settings are the run's (`dit/stage.json`), its weights `dit/transformer.safetensors`.
+    /// The user's prompt is the drawn sample's in (b) and (c): only the rewrite changes.
+    #[test]
+    #[ignore]
+    fn condition_use() {
+        let Some(out) = recipe_out("vae/, vlm/ and dit/") else {
+            return;
+        };
+        let recipe = crate::recipe::RecipeConfig::recipe(0, Backend::Flex);
+        let frozen = crate::recipe::frozen(&out, &recipe).expect("frozen parts");
+        let stage: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(out.join("dit/stage.json")).expect("dit/stage.json"),
+        )
+        .expect("json");
+        let mut config: DitStageConfig =
+            serde_json::from_value(stage["dit"].clone()).expect("the run's DiT settings");
+        config.init_from = Some(out.join("dit/transformer.safetensors"));
+        config.cond_dropout = 0.0;
+        config.t_mean = 0.0; // every run probed at the same timesteps
+        config.mix = TaskMix {
+            caption: 0.0,
+            rewrite: 1.0,
+            edit: 0.0,
+            transfer: 0.0,
+        };
+        let stage = DitStage::new(config.clone(), frozen, 0, Backend::Flex).expect("builds");
+        let mut null_config = config.clone();
+        null_config.cond_dropout = 1.0;
+        let plain = stage.parts();
+        let null = Parts {
+            config: &null_config,
+            ..plain
+        };
+        let model = stage.dit.model();
+        let bands = [0.0, 0.33, 0.67, 1.01];
+        // [variant][band] → (sum, count)
+        let mut sums = [[(0.0f64, 0usize); 3]; 4];
+        let samples_n = 192;
+        for i in 0..samples_n {
+            let drawn = sample(mix(0, 0xD1), 1_000_000 + i as u64, &config.mix);
+            let variants = [
+                drawn.clone(),
+                moved(&drawn),
+                recoloured(&drawn),
+                drawn.clone(),
+            ];
+            for (v, told) in variants.iter().enumerate() {
+                let parts = if v == 3 { &null } else { &plain };
+                let (loss, t) = samples_loss(
+                    parts,
+                    model,
+                    std::slice::from_ref(told),
+                    std::slice::from_ref(&drawn),
+                    i,
+                    0,
+                    1,
+                )
+                .expect("loss");
+                let band = bands.windows(2).position(|w| t[0] >= w[0] && t[0] < w[1]);
+                let band = band.expect("t in [0, 1]");
+                sums[v][band].0 += f64::from(crate::trainer::scalar(&loss).expect("finite"));
+                sums[v][band].1 += 1;
+            }
+        }
+        let names = [
+            "own description",
+            "objects moved",
+            "colours swapped",
+            "null condition",
+        ];
+        println!("{samples_n} text-to-image samples; mean loss by t band (count)");
+        for (name, row) in names.iter().zip(&sums) {
+            let cells: Vec<String> = row
+                .iter()
+                .map(|(s, n)| format!("{:.4} ({n})", s / (*n).max(1) as f64))
+                .collect();
+            println!(
+                "{name:>16}: t<0.33 {} | 0.33-0.67 {} | >0.67 {}",
+                cells[0], cells[1], cells[2]
+            );
         }
     }
 
