@@ -24,6 +24,25 @@ fn json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&text).expect("json")
 }
 
+/// `generate` reads the model directory `out/model` and writes a PNG.
+fn generates_an_image(out: &Path) {
+    let png = out.join("image.png");
+    let model = out.join("model");
+    succeeds(&[
+        "generate",
+        "--model",
+        model.to_str().expect("utf-8"),
+        "--prompt",
+        "a red star",
+        "--steps",
+        "2",
+        "--out",
+        png.to_str().expect("utf-8"),
+        "--quiet",
+    ]);
+    assert!(image::open(&png).is_ok(), "generate wrote no image");
+}
+
 fn scratch(name: &str) -> PathBuf {
     let dir =
         std::env::temp_dir().join(format!("unifusion-train-cli-{}-{name}", std::process::id()));
@@ -135,21 +154,7 @@ fn normalized_latents_reach_the_model_config_and_generate_reads_it() {
     assert_eq!(read("dit/report.json")["details"]["latent_norm"], norm);
     succeeds(&args);
     assert_eq!(&read("model/config.json")["vae"]["config"], vae);
-    let png = out.join("image.png");
-    let model = out.join("model");
-    succeeds(&[
-        "generate",
-        "--model",
-        model.to_str().expect("utf-8"),
-        "--prompt",
-        "a red star",
-        "--steps",
-        "2",
-        "--out",
-        png.to_str().expect("utf-8"),
-        "--quiet",
-    ]);
-    assert!(image::open(&png).is_ok(), "generate wrote no image");
+    generates_an_image(&out);
     let _ = std::fs::remove_dir_all(&out);
 }
 
@@ -177,21 +182,7 @@ fn the_dit_size_reaches_the_stage_and_the_model() {
         assert_eq!(t["num_layers"], 3, "{t}");
         assert_eq!(t["intermediate_size"], 48, "{t}");
     }
-    let png = out.join("image.png");
-    let model = out.join("model");
-    succeeds(&[
-        "generate",
-        "--model",
-        model.to_str().expect("utf-8"),
-        "--prompt",
-        "a red star",
-        "--steps",
-        "2",
-        "--out",
-        png.to_str().expect("utf-8"),
-        "--quiet",
-    ]);
-    assert!(image::open(&png).is_ok(), "generate wrote no image");
+    generates_an_image(&out);
     let _ = std::fs::remove_dir_all(&out);
 }
 

@@ -622,7 +622,6 @@ fn samples_loss(
     let b = drawn.len();
     let stream = |base: u64| shard_seed(mix(seed, base + ((k as u64) << 8)), shard, shards);
     let plain = device.clone().inner();
-    let samples = drawn;
     let vlm_batch = make_batch(
         told,
         &frozen.tokenizer,
@@ -664,7 +663,7 @@ fn samples_loss(
     // Targets: the frozen encoder's latents of the target scenes.
     // Each target is rendered once: for the encoder and for the foreground weights.
     let render_config = RenderConfig::with_size(frozen.image_size);
-    let rendered = samples
+    let rendered = drawn
         .iter()
         .map(|s| render(&s.target, &render_config))
         .collect::<Result<Vec<_>, _>>()?;
@@ -724,7 +723,7 @@ fn samples_loss(
     let tokens = (lh / 2) * (lw / 2);
     let side = frozen.image_size / (lw / 2) as u32;
     let mut weights = Vec::with_capacity(b * tokens);
-    for (s, img) in samples.iter().zip(&rendered) {
+    for (s, img) in drawn.iter().zip(&rendered) {
         let mut fg = foreground_squares(img, s.target.background(), side)?;
         let edited = matches!(s.task, TextTask::Edit | TextTask::Transfer);
         if config.weight_changes && edited {
@@ -1113,7 +1112,7 @@ mod timing {
     }
 
     /// `UNIFUSION_RECIPE_OUT=/work/train-out/recipe cargo test --workspace dit_step_profile --
-    /// --ignored --nocapture`: how much of a recipe DiT step (batch 8, one thread) the frozen
+    /// --ignored --nocapture`: how much of a recipe DiT step (batch 8, unsharded) the frozen
     /// parts take (the VLM's conditions and the VAE encoder's latents of the same samples), and
     /// whole steps of wider and deeper DiTs (heads of 16, blocks, MLP width) beside the recipe's.
     #[test]
@@ -1235,8 +1234,8 @@ mod timing {
     /// (fresh indices), each scored under the training loss with the same noise and timestep
     /// given (a) its own description, (b) the objects moved to each other's cells, (c) the
     /// objects in each other's colours, (d) the null condition; mean loss per band of `t`.
-    /// The DiT's settings are the run's (`dit/stage.json`), its weights `dit/transformer.safetensors`.
-    /// The user's prompt is the drawn sample's in (b) and (c): only the rewrite changes.
+    /// The user's prompt is the drawn sample's in (b) and (c): only the rewrite changes. The
+    /// DiT's settings are the run's (`dit/stage.json`), its weights `dit/transformer.safetensors`.
     #[test]
     #[ignore]
     fn condition_use() {
