@@ -88,6 +88,11 @@ pub struct Args {
     /// settings: the shards draw their own noise.
     #[arg(long)]
     pub dit_shards: Option<usize>,
+    /// Train each DiT batch this many steps (1 to 16), with fresh noise, timesteps and
+    /// dropout each time: the frozen VLM's conditions and the VAE's latents are computed once
+    /// a batch, so a step costs less (interleaved: a batch's uses are this many steps apart).
+    #[arg(long, value_name = "STEPS")]
+    pub dit_reuse: Option<usize>,
     /// As `--dit-shards`, for the VAE stage.
     #[arg(long)]
     pub vae_shards: Option<usize>,
@@ -246,6 +251,12 @@ pub fn run(args: Args) -> Result<(), CliError> {
         config.dit.transformer.rope_theta = theta;
     }
     config.dit.transformer.abs_pos_embed |= args.dit_abs_pos;
+    if let Some(reuse) = args.dit_reuse {
+        if !(1..=16).contains(&reuse) {
+            return Err(CliError::Usage("--dit-reuse must be 1 to 16".into()));
+        }
+        config.dit.reuse = reuse;
+    }
     if let Some(w) = args.dit_foreground_weight {
         if !(w.is_finite() && w >= 0.0) {
             return Err(CliError::Usage(

@@ -159,7 +159,8 @@ fn normalized_latents_reach_the_model_config_and_generate_reads_it() {
 }
 
 /// `--dit-size`: the tiny recipe trains a DiT of the given heads, blocks and MLP width, its
-/// stage and the model directory's transformer config record them, and `generate` loads it.
+/// stage and the model directory's transformer config record them, and `generate` loads it;
+/// `--dit-reuse` reaches the stage's settings beside them.
 #[test]
 fn the_dit_size_reaches_the_stage_and_the_model() {
     let out = scratch("size");
@@ -171,9 +172,12 @@ fn the_dit_size_reaches_the_stage_and_the_model() {
         "--tiny",
         "--dit-size",
         "4,3,48",
+        "--dit-reuse",
+        "2",
         "--quiet",
     ]);
     let read = |file: &str| json(&out.join(file));
+    assert_eq!(read("dit/stage.json")["dit"]["reuse"], 2);
     let stage = &read("dit/stage.json")["dit"]["transformer"];
     let model = &read("model/config.json")["transformer"];
     for t in [stage, model] {
@@ -283,6 +287,8 @@ fn bad_flags_are_one_line_and_exit_2() {
         vec!["train", "--out", o, "--dit-size", "6,0,256"],
         vec!["train", "--out", o, "--dit-size", "6,6"],
         vec!["train", "--out", o, "--dit-size", "6,6,8"],
+        vec!["train", "--out", o, "--dit-reuse", "0"],
+        vec!["train", "--out", o, "--dit-reuse", "17"],
         vec!["train", "--out", o, "--vlm-downsample-ratio", "0.3"],
         vec!["train", "--out", o, "--vlm-downsample-ratio", "NaN"],
         vec![

@@ -114,6 +114,22 @@ pub struct DitStageConfig {
     /// e.g. a bigger batch on a GPU). Fresh optimizer state either way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_from: Option<std::path::PathBuf>,
+    /// Steps each batch trains: its frozen parts' outputs (conditions, target latents, loss
+    /// weights) are computed once and serve `reuse` steps, each with fresh noise, timesteps
+    /// and dropout ([`batch_of_step`]: interleaved, so a batch's uses are `reuse` steps
+    /// apart). 1 = a fresh batch every step. The frozen VLM and VAE are about 40 % of a
+    /// recipe step (docs/BENCHMARKS.md), so reuse buys steps at a cost of fewer samples.
+    #[serde(default = "one_shard", skip_serializing_if = "is_one_shard")]
+    pub reuse: usize,
+}
+
+/// The batch that step `k` trains on when every batch serves `reuse` steps: in each window
+/// of `reuse²` steps, `reuse` fresh batches take turns (steps 0, 1, 2, 3 of `reuse` 2 train
+/// batches 0, 1, 0, 1; steps 4–7 batches 2, 3, 2, 3), so two uses of a batch are `reuse`
+/// steps apart and at most `reuse` batches are held at once. `reuse` 1: batch `k`.
+pub fn batch_of_step(k: usize, reuse: usize) -> usize {
+    let r = reuse.max(1);
+    k / (r * r) * r + k % r
 }
 
 /// Per-channel statistics of the frozen encoder's latents: the DiT trains on
@@ -280,6 +296,7 @@ impl DitStageConfig {
             weight_changes: false,
             normalize_latents: false,
             init_from: None,
+            reuse: 1,
         }
     }
 
@@ -315,6 +332,7 @@ impl DitStageConfig {
             weight_changes: false,
             normalize_latents: false,
             init_from: None,
+            reuse: 1,
         }
     }
 }
@@ -484,6 +502,7 @@ pub struct DitStage {
     null: Tensor<3>,
     latent_norm: Option<LatentNorm>,
     dit: Trainable<Krea2Transformer>,
+    batches: BatchCache,
 }
 
 impl DitStage {
@@ -526,6 +545,7 @@ impl DitStage {
             null,
             latent_norm,
             dit,
+            batches: BatchCache::default(),
         })
     }
 
@@ -559,6 +579,7 @@ impl DitStage {
             frozen: &self.frozen,
             null: &self.null,
             latent_norm: self.latent_norm.as_ref(),
+            batches: &self.batches,
         }
     }
 }
@@ -572,12 +593,69 @@ struct Parts<'a> {
     frozen: &'a Frozen,
     null: &'a Tensor<3>,
     latent_norm: Option<&'a LatentNorm>,
+    batches: &'a BatchCache,
+}
+
+/// What a batch's loss reads from the frozen parts, on the plain device: computed once per
+/// batch and shard, and kept while the batch still has steps to serve (`reuse`).
+struct Prepared {
+    /// `[L, n_taps, h]` per sample, before condition dropout.
+    conds: Vec<Tensor<3>>,
+    /// Image-token rows at the start of each condition.
+    image_rows: Vec<usize>,
+    /// Patchified target latents `[B, T, C]`.
+    x0: Tensor<3>,
+    /// The latent grid's height and width.
+    grid: (usize, usize),
+    /// Each latent token's loss weight, `[B·T]` (none: plain MSE).
+    weights: Option<Vec<f32>>,
+}
+
+/// The prepared batches of the current window, by shard and batch ([`batch_of_step`]);
+/// the stage's number of batch preparations, for tests and timing.
+#[derive(Default)]
+struct BatchCache {
+    held: std::sync::Mutex<Vec<(usize, usize, std::sync::Arc<Prepared>)>>,
+    made: std::sync::atomic::AtomicUsize,
+}
+
+impl BatchCache {
+    /// Batch `index` of shard `shard`, made by `make` unless held; batches below `oldest`
+    /// have served all their steps and are dropped.
+    fn get(
+        &self,
+        shard: usize,
+        index: usize,
+        oldest: usize,
+        make: impl FnOnce() -> Result<Prepared, TrainError>,
+    ) -> Result<std::sync::Arc<Prepared>, TrainError> {
+        let found = self
+            .lock()
+            .iter()
+            .find(|(s, i, _)| *s == shard && *i == index)
+            .map(|(_, _, p)| p.clone());
+        if let Some(p) = found {
+            return Ok(p);
+        }
+        // Made outside the lock: the other shards prepare theirs at the same time.
+        let made = std::sync::Arc::new(make()?);
+        self.made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut held = self.lock();
+        held.retain(|(_, i, _)| *i >= oldest);
+        held.push((shard, index, made.clone()));
+        Ok(made)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(usize, usize, std::sync::Arc<Prepared>)>> {
+        // A panicked shard leaves no half-written entry: each push is whole.
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// Flow-matching loss of shard `shard` (of `shards`) of step `k`'s batch under `model`: the
-/// shard's samples are its contiguous share of the batch; its noise, timesteps and condition
-/// dropout come from streams of `(seed, k)` (one shard: the whole batch's own streams, as
-/// before shards existed; several: one stream per shard).
+/// shard's samples are its contiguous share of batch [`batch_of_step`]`(k, reuse)`; its
+/// noise, timesteps and condition dropout come from streams of `(seed, k)` (one shard: the
+/// whole batch's own streams, as before shards existed; several: one stream per shard).
 fn shard_loss(
     parts: &Parts<'_>,
     model: &Krea2Transformer,
@@ -586,27 +664,131 @@ fn shard_loss(
     shards: usize,
 ) -> Result<Tensor<1>, TrainError> {
     let batch = parts.config.batch;
-    let (first, end) = shard_range(batch, shard, shards);
-    let samples: Vec<Sample> = (first..end)
-        .map(|i| {
-            sample(
-                mix(parts.seed, 0xD1),
-                (k * batch + i) as u64,
-                &parts.config.mix,
-            )
-        })
-        .collect();
-    Ok(samples_loss(parts, model, &samples, &samples, k, shard, shards)?.0)
+    let reuse = parts.config.reuse.max(1);
+    let index = batch_of_step(k, reuse);
+    let make = || {
+        let (first, end) = shard_range(batch, shard, shards);
+        let samples: Vec<Sample> = (first..end)
+            .map(|i| {
+                sample(
+                    mix(parts.seed, 0xD1),
+                    (index * batch + i) as u64,
+                    &parts.config.mix,
+                )
+            })
+            .collect();
+        prepare(parts, &samples, &samples)
+    };
+    let prepared = if reuse == 1 {
+        std::sync::Arc::new(make()?)
+    } else {
+        let oldest = batch_of_step(k - k % (reuse * reuse), reuse);
+        parts.batches.get(shard, index, oldest, make)?
+    };
+    Ok(prepared_loss(parts, model, &prepared, k, shard, shards)?.0)
 }
 
 /// The flow-matching loss of `drawn`'s targets under the conditions of `told` (the same
 /// samples in training; another description of them in `condition_use`), with the noise,
 /// timesteps and dropout of shard `shard` of step `k`; also the timesteps drawn.
+#[cfg(test)]
 fn samples_loss(
     parts: &Parts<'_>,
     model: &Krea2Transformer,
     told: &[Sample],
     drawn: &[Sample],
+    k: usize,
+    shard: usize,
+    shards: usize,
+) -> Result<(Tensor<1>, Vec<f32>), TrainError> {
+    let prepared = prepare(parts, told, drawn)?;
+    prepared_loss(parts, model, &prepared, k, shard, shards)
+}
+
+/// The frozen parts' share of a batch's loss: the conditions of `told`, the latents and
+/// loss weights of `drawn`'s targets.
+fn prepare(parts: &Parts<'_>, told: &[Sample], drawn: &[Sample]) -> Result<Prepared, TrainError> {
+    let Parts {
+        config,
+        frozen,
+        latent_norm,
+        ..
+    } = *parts;
+    let plain = parts.device.clone().inner();
+    let vlm_batch = make_batch(
+        told,
+        &frozen.tokenizer,
+        &frozen.vlm_config,
+        frozen.image_size,
+        &plain,
+    )?;
+    let image_rows: Vec<usize> = vlm_batch.image_positions.iter().map(Vec::len).collect();
+    let conds = frozen.conditions(vlm_batch, config.verifi)?;
+
+    // Targets: the frozen encoder's latents of the target scenes.
+    // Each target is rendered once: for the encoder and for the foreground weights.
+    let render_config = RenderConfig::with_size(frozen.image_size);
+    let rendered = drawn
+        .iter()
+        .map(|s| render(&s.target, &render_config))
+        .collect::<Result<Vec<_>, _>>()?;
+    let images = rendered_batch(&rendered, &plain);
+    let z = frozen
+        .encoder
+        .encode(images)
+        .map_err(|e| TrainError::Model(e.to_string()))?;
+    let z = match latent_norm {
+        Some(norm) => norm.apply(z),
+        None => z,
+    };
+    let [_, _, lh, lw] = z.dims();
+    let x0 = patchify(z).map_err(|e| TrainError::Model(e.to_string()))?;
+    let weights = if config.foreground_weight == 0.0 {
+        None
+    } else {
+        let tokens = (lh / 2) * (lw / 2);
+        let side = frozen.image_size / (lw / 2) as u32;
+        let mut weights = Vec::with_capacity(drawn.len() * tokens);
+        for (s, img) in drawn.iter().zip(&rendered) {
+            let mut fg = foreground_squares(img, s.target.background(), side)?;
+            let edited = matches!(s.task, TextTask::Edit | TextTask::Transfer);
+            if config.weight_changes && edited {
+                let before = render(&s.inputs[0], &render_config)?;
+                for (f, c) in fg.iter_mut().zip(changed_squares(&before, img, side)?) {
+                    *f |= c;
+                }
+            }
+            if fg.len() != tokens {
+                return Err(TrainError::Model(format!(
+                    "{} foreground squares for {tokens} latent tokens",
+                    fg.len()
+                )));
+            }
+            weights.extend(fg.into_iter().map(|f| {
+                if f {
+                    1.0 + config.foreground_weight
+                } else {
+                    1.0
+                }
+            }));
+        }
+        Some(weights)
+    };
+    Ok(Prepared {
+        conds,
+        image_rows,
+        x0,
+        grid: (lh, lw),
+        weights,
+    })
+}
+
+/// The loss of a prepared batch under `model`, with the noise, timesteps and dropout of
+/// shard `shard` of step `k`; also the timesteps drawn.
+fn prepared_loss(
+    parts: &Parts<'_>,
+    model: &Krea2Transformer,
+    prepared: &Prepared,
     k: usize,
     shard: usize,
     shards: usize,
@@ -617,21 +799,14 @@ fn samples_loss(
         device,
         frozen,
         null,
-        latent_norm,
+        ..
     } = *parts;
-    let b = drawn.len();
+    let b = prepared.conds.len();
     let stream = |base: u64| shard_seed(mix(seed, base + ((k as u64) << 8)), shard, shards);
     let plain = device.clone().inner();
-    let vlm_batch = make_batch(
-        told,
-        &frozen.tokenizer,
-        &frozen.vlm_config,
-        frozen.image_size,
-        &plain,
-    )?;
     let mut rng = SeededNormal::new(stream(0xD2));
-    let mut image_rows: Vec<usize> = vlm_batch.image_positions.iter().map(Vec::len).collect();
-    let mut conds = frozen.conditions(vlm_batch, config.verifi)?;
+    let mut image_rows = prepared.image_rows.clone();
+    let mut conds = prepared.conds.clone();
     let mut coin = ChaCha8Rng::seed_from_u64(stream(0xD3));
     for (c, rows) in conds.iter_mut().zip(&mut image_rows) {
         if coin.random::<f32>() < config.cond_dropout {
@@ -660,25 +835,8 @@ fn samples_loss(
     let cond = Tensor::<4>::from_data(cond.into_data(), device);
     let mask = Tensor::<2, Bool>::from_data(TensorData::new(valid, [b, len]), device);
 
-    // Targets: the frozen encoder's latents of the target scenes.
-    // Each target is rendered once: for the encoder and for the foreground weights.
-    let render_config = RenderConfig::with_size(frozen.image_size);
-    let rendered = drawn
-        .iter()
-        .map(|s| render(&s.target, &render_config))
-        .collect::<Result<Vec<_>, _>>()?;
-    let images = rendered_batch(&rendered, &plain);
-    let z = frozen
-        .encoder
-        .encode(images)
-        .map_err(|e| TrainError::Model(e.to_string()))?;
-    let z = match latent_norm {
-        Some(norm) => norm.apply(z),
-        None => z,
-    };
-    let [_, _, lh, lw] = z.dims();
-    let x0 = patchify(z).map_err(|e| TrainError::Model(e.to_string()))?;
-    let x0 = Tensor::<3>::from_data(x0.into_data(), device);
+    let (lh, lw) = prepared.grid;
+    let x0 = Tensor::<3>::from_data(prepared.x0.clone().into_data(), device);
     let dims = x0.dims();
     let count: usize = dims.iter().product();
     let eps: Vec<f32> = (0..count).map(|_| rng.next_f32()).collect();
@@ -717,37 +875,12 @@ fn samples_loss(
         .forward_with_text(xt, &text, tt, &rope)
         .map_err(|e| TrainError::Model(e.to_string()))?;
     let err = (v - target).square().mean_dim(2); // [B, T, 1]
-    if config.foreground_weight == 0.0 {
+    let Some(weights) = &prepared.weights else {
         return Ok((err.mean(), t));
-    }
+    };
     let tokens = (lh / 2) * (lw / 2);
-    let side = frozen.image_size / (lw / 2) as u32;
-    let mut weights = Vec::with_capacity(b * tokens);
-    for (s, img) in drawn.iter().zip(&rendered) {
-        let mut fg = foreground_squares(img, s.target.background(), side)?;
-        let edited = matches!(s.task, TextTask::Edit | TextTask::Transfer);
-        if config.weight_changes && edited {
-            let before = render(&s.inputs[0], &render_config)?;
-            for (f, c) in fg.iter_mut().zip(changed_squares(&before, img, side)?) {
-                *f |= c;
-            }
-        }
-        if fg.len() != tokens {
-            return Err(TrainError::Model(format!(
-                "{} foreground squares for {tokens} latent tokens",
-                fg.len()
-            )));
-        }
-        weights.extend(fg.into_iter().map(|f| {
-            if f {
-                1.0 + config.foreground_weight
-            } else {
-                1.0
-            }
-        }));
-    }
     let total: f32 = weights.iter().sum();
-    let w = Tensor::<3>::from_data(TensorData::new(weights, [b, tokens, 1]), device);
+    let w = Tensor::<3>::from_data(TensorData::new(weights.clone(), [b, tokens, 1]), device);
     Ok(((err * w).sum() / total, t))
 }
 
@@ -788,6 +921,7 @@ impl Stage for DitStage {
             frozen: &self.frozen,
             null: &self.null,
             latent_norm: self.latent_norm.as_ref(),
+            batches: &self.batches,
         };
         let batch = self.config.batch;
         self.dit
@@ -812,6 +946,8 @@ mod tests {
     use crate::trainer::{run_stage, scalar};
     use crate::vae::{VaeStageConfig, init_autoencoder};
     use crate::vlm::{VlmStageConfig, init_vlm};
+    use std::sync::atomic::Ordering;
+
     use burn::optim::{GradientsAccumulator, GradientsParams};
     use unifusion_model::pipeline::every_third_layer;
 
@@ -930,6 +1066,75 @@ mod tests {
             let (loss, _) = single.step(k).expect("one-sample shards");
             assert!(loss.is_finite() && loss > 0.0, "loss {loss}");
         }
+    }
+
+    #[test]
+    fn each_batch_serves_reuse_steps_interleaved() {
+        let order = |reuse| (0..8).map(|k| batch_of_step(k, reuse)).collect::<Vec<_>>();
+        assert_eq!(order(1), [0, 1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(order(0), order(1), "0 reads as 1");
+        assert_eq!(order(2), [0, 1, 0, 1, 2, 3, 2, 3]);
+        let mut uses = [0usize; 9];
+        for k in 0..27 {
+            uses[batch_of_step(k, 3)] += 1;
+        }
+        assert_eq!(uses, [3; 9]);
+    }
+
+    /// Reused batches change what trains only where a batch repeats: steps 0 and 1 of
+    /// `reuse` 2 draw batches 0 and 1, as a fresh batch a step does; step 2 repeats batch 0.
+    /// A resume (an empty cache) remakes the batches exactly.
+    #[test]
+    fn reused_batches_train_as_fresh_ones_until_they_repeat() {
+        let sharded = |reuse: usize| {
+            move |c: &mut DitStageConfig| {
+                c.batch = 3;
+                c.shards = 2;
+                c.reuse = reuse;
+            }
+        };
+        let mut fresh = tiny_stage(sharded(1));
+        let mut reused = tiny_stage(sharded(2));
+        let mut resumed = tiny_stage(sharded(2));
+        for k in 0..2 {
+            fresh.step(k).expect("step");
+            reused.step(k).expect("step");
+            resumed.step(k).expect("step");
+        }
+        assert_eq!(fresh.tensors(), reused.tensors());
+        assert_eq!(
+            reused.batches.made.load(Ordering::Relaxed),
+            4,
+            "2 batches × 2 shards"
+        );
+        fresh.step(2).expect("step");
+        reused.step(2).expect("step");
+        assert_eq!(
+            reused.batches.made.load(Ordering::Relaxed),
+            4,
+            "batch 0 held"
+        );
+        let moved = largest_change(&fresh.tensors(), &reused.tensors());
+        assert!(
+            moved > 1e-6,
+            "batch 0 again trains apart from batch 2: {moved}"
+        );
+
+        resumed.batches = BatchCache::default();
+        resumed.step(2).expect("step");
+        assert_eq!(resumed.tensors(), reused.tensors());
+        for k in 3..5 {
+            reused.step(k).expect("step");
+        }
+        assert_eq!(
+            reused.batches.made.load(Ordering::Relaxed),
+            6,
+            "batch 2 is new at step 4"
+        );
+        assert!(
+            reused.batches.lock().iter().all(|(_, i, _)| *i >= 2),
+            "window 0 dropped"
+        );
     }
 
     /// The largest change of any weight between two exports of the same model.
