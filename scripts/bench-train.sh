@@ -2,6 +2,8 @@
 # Training-step benchmark: seconds per step of the recipe's VAE, VLM and DiT stages with the
 # batch split over 1, 2 and 4 threads (`--vae-shards`, `--vlm-shards`, `--dit-shards`),
 # median of REPEATS runs of STEPS steps each, and the ratio to one thread from the same run.
+# The stage `dit-reuse` instead times the DiT at the recipe's 4 threads with each batch
+# serving 1, 2 and 4 steps (`--dit-reuse`; ratio to 1; give STEPS a multiple of 16).
 #
 #   bash scripts/bench-train.sh RUN [STEPS] [REPEATS] [STAGES]
 #
@@ -21,7 +23,7 @@ bin="${UNIFUSION_BIN:-$CARGO_TARGET_DIR/debug/unifusion}"
 [ -x "$bin" ] || { echo "no CLI at $bin: cargo build -p unifusion-cli first" >&2; exit 1; }
 [ -f "$run/tokenizer/tokenizer.json" ] || { echo "$run has no tokenizer/tokenizer.json" >&2; exit 1; }
 case " $stages " in
-  *" dit "*)
+  *" dit "* | *" dit-reuse "*)
     for need in vae vlm; do
       [ -f "$run/$need/report.json" ] || { echo "$run/$need is not a finished stage" >&2; exit 1; }
     done
@@ -32,7 +34,7 @@ trap 'rm -rf "$scratch"' EXIT
 
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
-echo "| stage | threads | s/step (median of $repeats × $steps steps) | speed-up |"
+echo "| stage | threads (dit-reuse: steps a batch) | s/step (median of $repeats × $steps steps) | speed-up |"
 echo "|---|---:|---:|---:|"
 for stage in $stages; do
   base=""
@@ -49,10 +51,15 @@ for stage in $stages; do
           cp -r "$run/vae" "$run/vlm" "$out/"
           flags=(--dit-steps "$steps" --dit-shards "$shards")
           ;;
+        dit-reuse)
+          cp -r "$run/vae" "$run/vlm" "$out/"
+          flags=(--dit-steps "$steps" --dit-shards 4 --dit-reuse "$shards")
+          ;;
         *) echo "unknown stage $stage" >&2; exit 2 ;;
       esac
-      "$bin" train --out "$out" --stages "$stage" --quiet "${flags[@]}" >/dev/null
-      secs=$(sed -n 's/^  "seconds": \([0-9.]*\).*/\1/p' "$out/$stage/report.json")
+      name="${stage%-reuse}"
+      "$bin" train --out "$out" --stages "$name" --quiet "${flags[@]}" >/dev/null
+      secs=$(sed -n 's/^  "seconds": \([0-9.]*\).*/\1/p' "$out/$name/report.json")
       times+=("$(awk -v s="$secs" -v n="$steps" 'BEGIN {print s / n}')")
       rm -rf "$out"
     done
