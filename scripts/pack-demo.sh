@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Packs a finished training run (`unifusion train --out RUN`, docs/TRAINING.md) as the embedded
 # default model: f16 shards of at most 1 MiB (so the page really streams several), the
-# tokenizer beside them, every tensor checked against the run's config.
+# tokenizer beside them, every tensor checked against the run's config. The model version is the
+# run directory's name and seed (`r27-seed-0`), so the page and `inspect` tell models apart.
 #
 #   bash scripts/pack-demo.sh /work/train-out/r2 [models/demo]
 set -euo pipefail
@@ -20,6 +21,6 @@ bash scripts/unifusion.sh pack \
   --from "vae-diffusers=$model/vae.safetensors" \
   --config "$model/config.json" --tokenizer "$model/tokenizer.json" \
   --dtype f16 --shard-size-mib 1 \
-  --model-id unifusion-demo-world --model-version "recipe-seed-${seed:-0}" \
+  --model-id unifusion-demo-world --model-version "$(basename "$(cd "$run" && pwd)")-seed-${seed:-0}" \
   --out "$out"
 du -sh "$out"
