@@ -67,11 +67,12 @@ pub struct Args {
     /// Override the DiT's RoPE base (tuning runs; the recipe's value otherwise).
     #[arg(long)]
     pub dit_rope_theta: Option<f64>,
-    /// Also give the DiT's image tokens a fixed 2-D sine-cosine embedding of their absolute
-    /// grid position, beside RoPE (DiT's and SD3's layout; the packed model's transformer
-    /// config records it as `abs_pos_embed`)
-    #[arg(long)]
-    pub dit_abs_pos: bool,
+    /// Give the DiT's image tokens a fixed 2-D sine-cosine embedding of their absolute grid
+    /// position beside RoPE (DiT's and SD3's layout; the recipe's since r32; the packed
+    /// model's transformer config records it as `abs_pos_embed`): `--dit-abs-pos` or
+    /// `--dit-abs-pos true` turns it on, `--dit-abs-pos false` off (RoPE alone)
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "true|false")]
+    pub dit_abs_pos: Option<bool>,
     /// Override the DiT loss's extra weight on object tokens (tuning runs; 0 = plain MSE).
     #[arg(long)]
     pub dit_foreground_weight: Option<f32>,
@@ -88,9 +89,10 @@ pub struct Args {
     /// settings: the shards draw their own noise.
     #[arg(long)]
     pub dit_shards: Option<usize>,
-    /// Train each DiT batch this many steps (1 to 16), with fresh noise, timesteps and
-    /// dropout each time: the frozen VLM's conditions and the VAE's latents are computed once
-    /// a batch, so a step costs less (interleaved: a batch's uses are this many steps apart).
+    /// Train each DiT batch this many steps (1 to 16; the recipe's 4), with fresh noise,
+    /// timesteps and dropout each time: the frozen VLM's conditions and the VAE's latents are
+    /// computed once a batch, so a step costs less (interleaved: a batch's uses are this many
+    /// steps apart).
     #[arg(long, value_name = "STEPS")]
     pub dit_reuse: Option<usize>,
     /// As `--dit-shards`, for the VAE stage.
@@ -250,7 +252,9 @@ pub fn run(args: Args) -> Result<(), CliError> {
         }
         config.dit.transformer.rope_theta = theta;
     }
-    config.dit.transformer.abs_pos_embed |= args.dit_abs_pos;
+    if let Some(on) = args.dit_abs_pos {
+        config.dit.transformer.abs_pos_embed = on;
+    }
     if let Some(reuse) = args.dit_reuse {
         if !(1..=16).contains(&reuse) {
             return Err(CliError::Usage("--dit-reuse must be 1 to 16".into()));

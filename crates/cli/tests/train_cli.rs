@@ -160,7 +160,8 @@ fn normalized_latents_reach_the_model_config_and_generate_reads_it() {
 
 /// `--dit-size`: the tiny recipe trains a DiT of the given heads, blocks and MLP width, its
 /// stage and the model directory's transformer config record them, and `generate` loads it;
-/// `--dit-reuse` reaches the stage's settings beside them.
+/// `--dit-reuse` and a bare `--dit-abs-pos` (the tiny recipe has no absolute positions) reach
+/// the stage's settings beside them.
 #[test]
 fn the_dit_size_reaches_the_stage_and_the_model() {
     let out = scratch("size");
@@ -174,6 +175,7 @@ fn the_dit_size_reaches_the_stage_and_the_model() {
         "4,3,48",
         "--dit-reuse",
         "2",
+        "--dit-abs-pos",
         "--quiet",
     ]);
     let read = |file: &str| json(&out.join(file));
@@ -185,6 +187,7 @@ fn the_dit_size_reaches_the_stage_and_the_model() {
         assert_eq!(t["num_key_value_heads"], 2, "{t}");
         assert_eq!(t["num_layers"], 3, "{t}");
         assert_eq!(t["intermediate_size"], 48, "{t}");
+        assert_eq!(t["abs_pos_embed"], true, "{t}");
     }
     generates_an_image(&out);
     let _ = std::fs::remove_dir_all(&out);
@@ -289,6 +292,7 @@ fn bad_flags_are_one_line_and_exit_2() {
         vec!["train", "--out", o, "--dit-size", "6,6,8"],
         vec!["train", "--out", o, "--dit-reuse", "0"],
         vec!["train", "--out", o, "--dit-reuse", "17"],
+        vec!["train", "--out", o, "--dit-abs-pos", "maybe"],
         vec!["train", "--out", o, "--vlm-downsample-ratio", "0.3"],
         vec!["train", "--out", o, "--vlm-downsample-ratio", "NaN"],
         vec![

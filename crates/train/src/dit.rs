@@ -260,17 +260,22 @@ fn dit_config(
 }
 
 impl DitStageConfig {
-    /// The recipe's DiT: width 96 (6 heads of 16), 6 blocks, on the recipe VLM's taps.
+    /// The recipe's DiT: width 96 (6 heads of 16), 6 blocks, on the recipe VLM's taps, with
+    /// the image tokens' absolute position embedding beside RoPE.
     pub fn recipe(vlm: &InternVlConfig, taps: usize, latent_channels: usize) -> Self {
+        let mut transformer = dit_config(vlm, taps, latent_channels, (6, 6, 256));
+        // Placement per step doubles with it (the condition probe, r26); at 10 000 steps it
+        // drew single objects best of all runs (r27). docs/TRAINING.md.
+        transformer.abs_pos_embed = true;
         Self {
-            transformer: dit_config(vlm, taps, latent_channels, (6, 6, 256)),
+            transformer,
             batch: 8,
             optim: OptimConfig {
-                // 2.5× r7's 2800 steps, bought by the shards below. 10 000 (r14, r15, r20)
-                // would make the recipe about 100 minutes at r28's measured step times
-                // (docs/TRAINING.md "The whole recipe timed alone": 81 minutes at 7000); 5000
-                // and 7000 scored level with 10 000 on the same VLM (r22, r28 against r20).
-                steps: 7_000,
+                // Bought by the shards and by `reuse` below: 10 000 steps at 4 steps a batch
+                // take about the time 7000 fresh ones took (r32 0.27 s a step alone, r28
+                // 0.372), and beat them held out and on single objects (docs/TRAINING.md
+                // "Each batch serving four steps").
+                steps: 10_000,
                 lr: 1e-3,
                 warmup: 100,
                 final_lr_fraction: 0.05,
@@ -296,7 +301,7 @@ impl DitStageConfig {
             weight_changes: false,
             normalize_latents: false,
             init_from: None,
-            reuse: 1,
+            reuse: 4,
         }
     }
 
