@@ -16,6 +16,8 @@
 //! reconstruction (one image, no text: the caption task), edits and two-image transfers.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
@@ -272,9 +274,9 @@ impl DitStageConfig {
             batch: 8,
             optim: OptimConfig {
                 // Bought by the shards and by `reuse` below: 10 000 steps at 4 steps a batch
-                // take about the time 7000 fresh ones took (r32 0.27 s a step alone, r28
-                // 0.372), and beat them held out and on single objects (docs/TRAINING.md
-                // "Each batch serving four steps").
+                // take about the time 7000 fresh ones took (r33 2657 s alone, r28 2607 s),
+                // and beat them held out and on single objects (docs/TRAINING.md "Each batch
+                // serving four steps").
                 steps: 10_000,
                 lr: 1e-3,
                 warmup: 100,
@@ -620,8 +622,8 @@ struct Prepared {
 /// the stage's number of batch preparations, for tests and timing.
 #[derive(Default)]
 struct BatchCache {
-    held: std::sync::Mutex<Vec<(usize, usize, std::sync::Arc<Prepared>)>>,
-    made: std::sync::atomic::AtomicUsize,
+    held: Mutex<Vec<(usize, usize, Arc<Prepared>)>>,
+    made: AtomicUsize,
 }
 
 impl BatchCache {
@@ -633,7 +635,7 @@ impl BatchCache {
         index: usize,
         oldest: usize,
         make: impl FnOnce() -> Result<Prepared, TrainError>,
-    ) -> Result<std::sync::Arc<Prepared>, TrainError> {
+    ) -> Result<Arc<Prepared>, TrainError> {
         let found = self
             .lock()
             .iter()
@@ -643,15 +645,15 @@ impl BatchCache {
             return Ok(p);
         }
         // Made outside the lock: the other shards prepare theirs at the same time.
-        let made = std::sync::Arc::new(make()?);
-        self.made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let made = Arc::new(make()?);
+        self.made.fetch_add(1, Ordering::Relaxed);
         let mut held = self.lock();
         held.retain(|(_, i, _)| *i >= oldest);
         held.push((shard, index, made.clone()));
         Ok(made)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(usize, usize, std::sync::Arc<Prepared>)>> {
+    fn lock(&self) -> MutexGuard<'_, Vec<(usize, usize, Arc<Prepared>)>> {
         // A panicked shard leaves no half-written entry: each push is whole.
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -685,7 +687,7 @@ fn shard_loss(
         prepare(parts, &samples, &samples)
     };
     let prepared = if reuse == 1 {
-        std::sync::Arc::new(make()?)
+        Arc::new(make()?)
     } else {
         let oldest = batch_of_step(k - k % (reuse * reuse), reuse);
         parts.batches.get(shard, index, oldest, make)?
@@ -951,8 +953,6 @@ mod tests {
     use crate::trainer::{run_stage, scalar};
     use crate::vae::{VaeStageConfig, init_autoencoder};
     use crate::vlm::{VlmStageConfig, init_vlm};
-    use std::sync::atomic::Ordering;
-
     use burn::optim::{GradientsAccumulator, GradientsParams};
     use unifusion_model::pipeline::every_third_layer;
 
