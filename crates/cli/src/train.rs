@@ -95,6 +95,15 @@ pub struct Args {
     /// steps apart).
     #[arg(long, value_name = "STEPS")]
     pub dit_reuse: Option<usize>,
+    /// The VAE's pixels per latent cell: 2, 4 (the recipe's) or 8. The DiT packs 2 × 2
+    /// latent cells a token, so 2 gives it 256 tokens for a 64-px image, 4 gives 64. Later
+    /// stages read it too: give it to every call on that run.
+    #[arg(long, value_name = "PX")]
+    pub vae_downscale: Option<usize>,
+    /// The VAE's latent channels (the recipe's 8); the DiT's tokens are 4 × as wide. Give it
+    /// to every call on that run.
+    #[arg(long, value_name = "CHANNELS")]
+    pub vae_latent_channels: Option<usize>,
     /// As `--dit-shards`, for the VAE stage.
     #[arg(long)]
     pub vae_shards: Option<usize>,
@@ -204,6 +213,18 @@ pub fn run(args: Args) -> Result<(), CliError> {
     } else {
         RecipeConfig::recipe(args.seed, backend)
     };
+    if args.vae_downscale.is_some() || args.vae_latent_channels.is_some() {
+        let downscale = args.vae_downscale.unwrap_or(config.vae.downscale());
+        let channels = args
+            .vae_latent_channels
+            .unwrap_or(config.vae.vae.latent_channels);
+        config.vae = config
+            .vae
+            .clone()
+            .with_compression(downscale, channels)
+            .map_err(CliError::Usage)?;
+        config.dit.transformer.in_channels = 4 * channels;
+    }
     if let Some(steps) = args.steps {
         if steps == 0 {
             return Err(CliError::Usage("--steps must be at least 1".into()));

@@ -193,6 +193,43 @@ fn the_dit_size_reaches_the_stage_and_the_model() {
     let _ = std::fs::remove_dir_all(&out);
 }
 
+/// `--vae-downscale` and `--vae-latent-channels` reach the VAE stage, the DiT (its tokens are
+/// 2 × 2 latent cells) and the packed model, which generates at the new compression.
+#[test]
+fn the_vae_compression_reaches_the_stages_and_the_model() {
+    let out = scratch("compression");
+    let o = out.to_str().expect("utf-8 path");
+    succeeds(&[
+        "train",
+        "--out",
+        o,
+        "--tiny",
+        "--vae-downscale",
+        "4",
+        "--vae-latent-channels",
+        "2",
+        "--quiet",
+    ]);
+    let read = |file: &str| json(&out.join(file));
+    let vae_stage = &read("vae/stage.json")["vae"]["vae"];
+    let vae_model = &read("model/config.json")["vae"]["config"];
+    for v in [vae_stage, vae_model] {
+        assert_eq!(v["latent_channels"], 2, "{v}");
+        assert_eq!(
+            v["num_decoder_blocks"].as_array().map(Vec::len),
+            Some(3),
+            "{v}"
+        );
+    }
+    assert_eq!(
+        read("dit/stage.json")["dit"]["transformer"]["in_channels"],
+        8
+    );
+    assert_eq!(read("model/config.json")["transformer"]["in_channels"], 8);
+    generates_an_image(&out);
+    let _ = std::fs::remove_dir_all(&out);
+}
+
 /// `--dit-init`: a second run's DiT starts from the first run's weights (its first loss, on the
 /// same seed's first batch, is below the fresh run's), and a time-limited call says how far it
 /// got before it stops, resumable.
@@ -293,6 +330,8 @@ fn bad_flags_are_one_line_and_exit_2() {
         vec!["train", "--out", o, "--dit-reuse", "0"],
         vec!["train", "--out", o, "--dit-reuse", "17"],
         vec!["train", "--out", o, "--dit-abs-pos", "maybe"],
+        vec!["train", "--out", o, "--vae-downscale", "3"],
+        vec!["train", "--out", o, "--vae-latent-channels", "0"],
         vec!["train", "--out", o, "--vlm-downsample-ratio", "0.3"],
         vec!["train", "--out", o, "--vlm-downsample-ratio", "NaN"],
         vec![

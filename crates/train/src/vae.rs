@@ -82,6 +82,48 @@ impl VaeStageConfig {
         }
     }
 
+    /// The recipe's VAE at another compression: `downscale` px per latent cell (2, 4 or 8)
+    /// and `latent_channels` channels. One level per factor of 2 below full resolution, with
+    /// two residual blocks below full resolution in all (the recipe's 4× has one at each of
+    /// its two levels; 2× puts both at its one); full resolution keeps none. 2× with 4
+    /// channels gives the DiT 256 tokens of 2 × 2 × 4 for a 64-px image instead of 64 of
+    /// 2 × 2 × 8 (docs/TRAINING.md, "A 2× VAE: four times the image tokens").
+    pub fn with_compression(
+        mut self,
+        downscale: usize,
+        latent_channels: usize,
+    ) -> Result<Self, String> {
+        let levels = match downscale {
+            2 => 2,
+            4 => 3,
+            8 => 4,
+            _ => {
+                return Err(format!("VAE downscale {downscale}: must be 2, 4 or 8"));
+            }
+        };
+        if !(1..=64).contains(&latent_channels) {
+            return Err(format!(
+                "VAE latent channels {latent_channels}: must be 1 to 64"
+            ));
+        }
+        let width = self.vae.encoder_block_out_channels[0];
+        let below = if levels == 2 {
+            vec![2]
+        } else {
+            vec![1; levels - 1]
+        };
+        let mut encoder = vec![0];
+        encoder.extend(&below);
+        let mut decoder = below.clone();
+        decoder.push(0);
+        self.vae.encoder_block_out_channels = vec![width; levels];
+        self.vae.decoder_block_out_channels = vec![width; levels];
+        self.vae.num_encoder_blocks = encoder;
+        self.vae.num_decoder_blocks = decoder;
+        self.vae.latent_channels = latent_channels;
+        Ok(self)
+    }
+
     /// A few-second config for tests: 32-px images, 8 channels.
     pub fn tiny() -> Self {
         Self {
@@ -477,6 +519,33 @@ mod tests {
         let set: Vec<usize> = (0..25).filter(|&i| grown[i]).collect();
         // (0,0) → x,y ∈ {0,1}; (3,2) → x ∈ 2..=4, y ∈ 1..=3.
         assert_eq!(set, vec![0, 1, 5, 6, 7, 8, 9, 12, 13, 14, 17, 18, 19]);
+    }
+
+    #[test]
+    fn compression_settings_give_the_asked_downscale_and_keep_the_recipe_at_4() {
+        let recipe = VaeStageConfig::recipe();
+        assert_eq!(recipe.clone().with_compression(4, 8), Ok(recipe.clone()));
+        let two = recipe
+            .clone()
+            .with_compression(2, 4)
+            .expect("2× is allowed");
+        assert_eq!(two.downscale(), 2);
+        assert_eq!(two.vae.latent_channels, 4);
+        assert_eq!(two.vae.num_encoder_blocks, vec![0, 2]);
+        assert_eq!(two.vae.num_decoder_blocks, vec![2, 0]);
+        let eight = recipe
+            .clone()
+            .with_compression(8, 16)
+            .expect("8× is allowed");
+        assert_eq!(eight.downscale(), 8);
+        assert_eq!(eight.vae.encoder_block_out_channels.len(), 4);
+        assert_eq!(
+            (eight.optim, eight.batch),
+            (recipe.optim.clone(), recipe.batch)
+        );
+        for (d, c) in [(3, 8), (16, 8), (0, 8), (2, 0), (4, 65)] {
+            assert!(recipe.clone().with_compression(d, c).is_err(), "{d} {c}");
+        }
     }
 
     #[test]
