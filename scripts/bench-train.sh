@@ -4,6 +4,9 @@
 # median of REPEATS runs of STEPS steps each, and the ratio to one thread from the same run.
 # The stage `dit-reuse` instead times the DiT at the recipe's 4 threads with each batch
 # serving 1, 2 and 4 steps (`--dit-reuse`; ratio to 1; give STEPS a multiple of 16).
+# The stage `dit-vae` times the recipe's DiT on RUN's VAE and then on the VAE of each run in
+# $VAE_RUNS (space-separated; e.g. a 2× VAE: more image tokens), its compression passed as
+# `--vae-downscale` / `--vae-latent-channels`; ratio to RUN's VAE.
 #
 #   bash scripts/bench-train.sh RUN [STEPS] [REPEATS] [STAGES]
 #
@@ -23,7 +26,7 @@ bin="${UNIFUSION_BIN:-$CARGO_TARGET_DIR/debug/unifusion}"
 [ -x "$bin" ] || { echo "no CLI at $bin: cargo build -p unifusion-cli first" >&2; exit 1; }
 [ -f "$run/tokenizer/tokenizer.json" ] || { echo "$run has no tokenizer/tokenizer.json" >&2; exit 1; }
 case " $stages " in
-  *" dit "* | *" dit-reuse "*)
+  *" dit "* | *" dit-reuse "* | *" dit-vae "*)
     for need in vae vlm; do
       [ -f "$run/$need/report.json" ] || { echo "$run/$need is not a finished stage" >&2; exit 1; }
     done
@@ -34,14 +37,26 @@ trap 'rm -rf "$scratch"' EXIT
 
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
-echo "| stage | threads (dit-reuse: steps a batch) | s/step (median of $repeats × $steps steps) | speed-up |"
+# `--vae-downscale PX --vae-latent-channels C` for a finished VAE stage's directory.
+vae_flags() {
+  python3 -c 'import json, sys
+v = json.load(open(sys.argv[1]))["vae"]["vae"]
+print(2 ** (len(v["decoder_block_out_channels"]) - 1), v["latent_channels"])' "$1/stage.json"
+}
+
+echo "| stage | threads (dit-reuse: steps a batch; dit-vae: VAE px, channels) | s/step (median of $repeats × $steps steps) | speed-up |"
 echo "|---|---:|---:|---:|"
 for stage in $stages; do
   base=""
-  for shards in 1 2 4; do
+  variants="1 2 4"
+  if [ "$stage" = dit-vae ]; then
+    variants="$run/vae"
+    for other in ${VAE_RUNS:-}; do variants="$variants $other/vae"; done
+  fi
+  for shards in $variants; do
     times=()
     for r in $(seq "$repeats"); do
-      out="$scratch/$stage-$shards-$r"
+      out="$scratch/$stage-${shards//\//_}-$r"
       mkdir -p "$out"
       cp -r "$run/tokenizer" "$out/"
       case "$stage" in
@@ -55,9 +70,14 @@ for stage in $stages; do
           cp -r "$run/vae" "$run/vlm" "$out/"
           flags=(--dit-steps "$steps" --dit-shards 4 --dit-reuse "$shards")
           ;;
+        dit-vae)
+          cp -r "$shards" "$run/vlm" "$out/"
+          read -r px channels < <(vae_flags "$shards")
+          flags=(--dit-steps "$steps" --vae-downscale "$px" --vae-latent-channels "$channels")
+          ;;
         *) echo "unknown stage $stage" >&2; exit 2 ;;
       esac
-      name="${stage%-reuse}"
+      name="${stage%-*}"
       "$bin" train --out "$out" --stages "$name" --quiet "${flags[@]}" >/dev/null
       secs=$(sed -n 's/^  "seconds": \([0-9.]*\).*/\1/p' "$out/$name/report.json")
       times+=("$(awk -v s="$secs" -v n="$steps" 'BEGIN {print s / n}')")
@@ -65,6 +85,8 @@ for stage in $stages; do
     done
     m=$(printf '%s\n' "${times[@]}" | median)
     [ -n "$base" ] || base="$m"
-    printf '| %s | %d | %.3f | %.2f× |\n' "$stage" "$shards" "$m" "$(awk -v b="$base" -v m="$m" 'BEGIN {print b / m}')"
+    label="$shards"
+    [ "$stage" != dit-vae ] || label="$(vae_flags "$shards" | tr ' ' ',')"
+    printf '| %s | %s | %.3f | %.2f× |\n' "$stage" "$label" "$m" "$(awk -v b="$base" -v m="$m" 'BEGIN {print b / m}')"
   done
 done
