@@ -53,26 +53,26 @@ for stage in $stages; do
     variants="$run/vae"
     for other in ${VAE_RUNS:-}; do variants="$variants $other/vae"; done
   fi
-  for shards in $variants; do
+  for variant in $variants; do
     times=()
     for r in $(seq "$repeats"); do
-      out="$scratch/$stage-${shards//\//_}-$r"
+      out="$scratch/$stage-${variant//\//_}-$r"
       mkdir -p "$out"
       cp -r "$run/tokenizer" "$out/"
       case "$stage" in
-        vae) flags=(--steps "$steps" --vae-shards "$shards") ;;
-        vlm) flags=(--steps "$steps" --vlm-shards "$shards") ;;
+        vae) flags=(--steps "$steps" --vae-shards "$variant") ;;
+        vlm) flags=(--steps "$steps" --vlm-shards "$variant") ;;
         dit)
           cp -r "$run/vae" "$run/vlm" "$out/"
-          flags=(--dit-steps "$steps" --dit-shards "$shards")
+          flags=(--dit-steps "$steps" --dit-shards "$variant")
           ;;
         dit-reuse)
           cp -r "$run/vae" "$run/vlm" "$out/"
-          flags=(--dit-steps "$steps" --dit-shards 4 --dit-reuse "$shards")
+          flags=(--dit-steps "$steps" --dit-shards 4 --dit-reuse "$variant")
           ;;
         dit-vae)
-          cp -r "$shards" "$run/vlm" "$out/"
-          read -r px channels < <(vae_flags "$shards")
+          cp -r "$variant" "$run/vlm" "$out/"
+          read -r px channels < <(vae_flags "$variant")
           flags=(--dit-steps "$steps" --vae-downscale "$px" --vae-latent-channels "$channels")
           ;;
         *) echo "unknown stage $stage" >&2; exit 2 ;;
@@ -85,8 +85,8 @@ for stage in $stages; do
     done
     m=$(printf '%s\n' "${times[@]}" | median)
     [ -n "$base" ] || base="$m"
-    label="$shards"
-    [ "$stage" != dit-vae ] || label="$(vae_flags "$shards" | tr ' ' ',')"
+    label="$variant"
+    [ "$stage" != dit-vae ] || label="$(vae_flags "$variant" | tr ' ' ',')"
     printf '| %s | %s | %.3f | %.2f× |\n' "$stage" "$label" "$m" "$(awk -v b="$base" -v m="$m" 'BEGIN {print b / m}')"
   done
 done
