@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressStyle};
-use unifusion_model::generator::{ImagePositions, TextPositions};
+use unifusion_model::generator::{AutoencoderTinyConfig, ImagePositions, TextPositions};
 use unifusion_train::recipe::{self, RecipeConfig, StageName};
 use unifusion_train::trainer::Progress;
 
@@ -96,12 +96,12 @@ pub struct Args {
     #[arg(long, value_name = "STEPS")]
     pub dit_reuse: Option<usize>,
     /// The VAE's pixels per latent cell: 2, 4 (the recipe's) or 8. The DiT packs 2 × 2
-    /// latent cells a token, so 2 gives it 256 tokens for a 64-px image, 4 gives 64. Later
-    /// stages read it too: give it to every call on that run.
+    /// latent cells a token, so 2 gives it 256 tokens for a 64-px image, 4 gives 64. The
+    /// run's `vae/stage.json` records it: later calls on that run read it from there.
     #[arg(long, value_name = "PX")]
     pub vae_downscale: Option<usize>,
-    /// The VAE's latent channels (the recipe's 8); the DiT's tokens are 4 × as wide. Give it
-    /// to every call on that run.
+    /// The VAE's latent channels (the recipe's 8); the DiT's tokens are 4 × as wide. Later
+    /// calls on the run read it from `vae/stage.json`.
     #[arg(long, value_name = "CHANNELS")]
     pub vae_latent_channels: Option<usize>,
     /// As `--dit-shards`, for the VAE stage.
@@ -148,7 +148,7 @@ pub struct Args {
     pub dit_init: Option<PathBuf>,
     /// Override the VLM's `downsample_ratio` (tuning runs): 1 keeps every 8-px patch as an
     /// image token (64 tokens for a 64-px image) where the recipe's 0.5 merges 2 × 2 patches
-    /// (16 tokens). Later stages read it too: give it to every call on that run.
+    /// (16 tokens). Later calls on the run read it from `vlm/stage.json`.
     #[arg(long)]
     pub vlm_downsample_ratio: Option<f64>,
     /// Stop (checkpointed, resumable) after the first step past this many minutes.
@@ -197,6 +197,82 @@ fn stage_name(s: StageArg) -> StageName {
         StageArg::Vlm => StageName::Vlm,
         StageArg::Dit => StageName::Dit,
     }
+}
+
+/// The shapes a run's finished or started stages were built with: the VAE (downscale and
+/// latent channels, so also the DiT's input width) from `vae/stage.json` and the VLM's
+/// `downsample_ratio` from `vlm/stage.json`. A later call that leaves the flags out takes them
+/// from there; one whose flags ask for another shape is refused before anything runs (the
+/// stage's weights could not load into it).
+fn adopt_run_shape(args: &Args, config: &mut RecipeConfig) -> Result<(), CliError> {
+    let saved = |stage: &str| -> Result<Option<serde_json::Value>, CliError> {
+        let path = args.out.join(stage).join("stage.json");
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))
+    };
+    if let Some(settings) = saved("vae")? {
+        let path = args.out.join("vae/stage.json");
+        let vae: AutoencoderTinyConfig = serde_json::from_value(settings["vae"]["vae"].clone())
+            .map_err(|e| CliError::Usage(format!("{}: its VAE config: {e}", path.display())))?;
+        let compression = |v: &AutoencoderTinyConfig| {
+            let levels = v.num_decoder_blocks.len().saturating_sub(1) as u32;
+            let downscale = v.upsampling_scaling_factor.checked_pow(levels).unwrap_or(0);
+            (downscale, v.latent_channels)
+        };
+        // A flag left out means the run's value, not the recipe's.
+        let have = compression(&vae);
+        let want = (
+            args.vae_downscale.unwrap_or(have.0),
+            args.vae_latent_channels.unwrap_or(have.1),
+        );
+        if want != have {
+            return Err(CliError::Usage(format!(
+                "{} trained a {}× VAE with {} latent channels; --vae-downscale / --vae-latent-channels ask for {}× with {}: use another --out",
+                args.out.join("vae").display(),
+                have.0,
+                have.1,
+                want.0,
+                want.1
+            )));
+        }
+        if compression(&config.vae.vae) != have {
+            config.vae = config
+                .vae
+                .clone()
+                .with_compression(have.0, have.1)
+                .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
+            config.dit.transformer.in_channels = 4 * have.1;
+        }
+    }
+    if let Some(settings) = saved("vlm")? {
+        let path = args.out.join("vlm/stage.json");
+        let ratio = settings["vlm"]["vlm"]["downsample_ratio"]
+            .as_f64()
+            .filter(|r| r.is_finite() && *r > 0.0)
+            .ok_or_else(|| {
+                CliError::Usage(format!(
+                    "{}: no valid vlm.vlm.downsample_ratio",
+                    path.display()
+                ))
+            })?;
+        if ratio != config.vlm.vlm.downsample_ratio {
+            if args.vlm_downsample_ratio.is_some() {
+                return Err(CliError::Usage(format!(
+                    "{} trained with --vlm-downsample-ratio {ratio}, not {}: use another --out",
+                    args.out.join("vlm").display(),
+                    config.vlm.vlm.downsample_ratio
+                )));
+            }
+            config.vlm.vlm.downsample_ratio = ratio;
+        }
+    }
+    Ok(())
 }
 
 /// `unifusion train`.
@@ -409,6 +485,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
         }
         config.dit.init_from = Some(path.clone());
     }
+    adopt_run_shape(&args, &mut config)?;
     let stages: Vec<StageName> = if args.stages.is_empty() {
         StageName::ALL.to_vec()
     } else {

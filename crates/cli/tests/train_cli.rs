@@ -102,7 +102,8 @@ fn tiny_tokenizer_and_vae_stages_write_their_files_and_resume() {
 }
 
 /// `--vlm-downsample-ratio 1`: the tiny VLM trains with one image token per patch and its
-/// stage record says so.
+/// stage record says so; a later call without the flag builds the rest of the run on that
+/// VLM (its projector's shape depends on the ratio), one with another ratio is refused.
 #[test]
 fn the_vlm_downsample_ratio_reaches_the_vlm_stage() {
     let out = scratch("ratio");
@@ -121,6 +122,26 @@ fn the_vlm_downsample_ratio_reaches_the_vlm_stage() {
     succeeds(&args);
     assert_eq!(
         json(&out.join("vlm/stage.json"))["vlm"]["vlm"]["downsample_ratio"],
+        1.0
+    );
+    let refused = unifusion(&[
+        "train",
+        "--out",
+        o,
+        "--tiny",
+        "--vlm-downsample-ratio",
+        "0.5",
+        "--quiet",
+    ]);
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("trained with --vlm-downsample-ratio 1, not 0.5"),
+        "{stderr}"
+    );
+    succeeds(&["train", "--out", o, "--tiny", "--quiet"]);
+    assert_eq!(
+        json(&out.join("model/config.json"))["vlm"]["downsample_ratio"],
         1.0
     );
     let _ = std::fs::remove_dir_all(&out);
@@ -194,7 +215,9 @@ fn the_dit_size_reaches_the_stage_and_the_model() {
 }
 
 /// `--vae-downscale` and `--vae-latent-channels` reach the VAE stage, the DiT (its tokens are
-/// 2 × 2 latent cells) and the packed model, which generates at the new compression.
+/// 2 × 2 latent cells) and the packed model, which generates at the new compression. The run
+/// records them: a later call without the flags trains its DiT on the run's VAE, and one whose
+/// flags ask for another VAE is refused with what the run holds.
 #[test]
 fn the_vae_compression_reaches_the_stages_and_the_model() {
     let out = scratch("compression");
@@ -204,12 +227,32 @@ fn the_vae_compression_reaches_the_stages_and_the_model() {
         "--out",
         o,
         "--tiny",
+        "--stages",
+        "tokenizer,vae",
         "--vae-downscale",
         "4",
         "--vae-latent-channels",
         "2",
         "--quiet",
     ]);
+    let refused = unifusion(&[
+        "train",
+        "--out",
+        o,
+        "--tiny",
+        "--vae-latent-channels",
+        "3",
+        "--quiet",
+    ]);
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("trained a 4× VAE with 2 latent channels")
+            && stderr.contains("ask for 4× with 3"),
+        "{stderr}"
+    );
+    assert!(!out.join("vlm").exists(), "a refused call trains nothing");
+    succeeds(&["train", "--out", o, "--tiny", "--quiet"]);
     let read = |file: &str| json(&out.join(file));
     let vae_stage = &read("vae/stage.json")["vae"]["vae"];
     let vae_model = &read("model/config.json")["vae"]["config"];
