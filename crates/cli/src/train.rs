@@ -205,16 +205,8 @@ fn stage_name(s: StageArg) -> StageName {
 /// from there; one whose flags ask for another shape is refused before anything runs (the
 /// stage's weights could not load into it).
 fn adopt_run_shape(args: &Args, config: &mut RecipeConfig) -> Result<(), CliError> {
-    let saved = |stage: &str| -> Result<Option<serde_json::Value>, CliError> {
-        let path = args.out.join(stage).join("stage.json");
-        if !path.is_file() {
-            return Ok(None);
-        }
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
-        serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))
+    let saved = |stage: &str| {
+        recipe::saved_settings(&args.out.join(stage)).map_err(|e| CliError::Usage(e.to_string()))
     };
     if let Some(settings) = saved("vae")? {
         let path = args.out.join("vae/stage.json");

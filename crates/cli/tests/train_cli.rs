@@ -18,6 +18,13 @@ fn succeeds(args: &[&str]) -> Output {
     r
 }
 
+/// `unifusion ARGS`, which must be refused as a usage error (exit 2); its stderr.
+fn refused(args: &[&str]) -> String {
+    let r = unifusion(args);
+    assert_eq!(r.status.code(), Some(2), "{r:?}");
+    String::from_utf8_lossy(&r.stderr).into_owned()
+}
+
 /// A JSON file the run wrote.
 fn json(path: &Path) -> serde_json::Value {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -124,7 +131,7 @@ fn the_vlm_downsample_ratio_reaches_the_vlm_stage() {
         json(&out.join("vlm/stage.json"))["vlm"]["vlm"]["downsample_ratio"],
         1.0
     );
-    let refused = unifusion(&[
+    let stderr = refused(&[
         "train",
         "--out",
         o,
@@ -133,8 +140,6 @@ fn the_vlm_downsample_ratio_reaches_the_vlm_stage() {
         "0.5",
         "--quiet",
     ]);
-    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
-    let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(
         stderr.contains("trained with --vlm-downsample-ratio 1, not 0.5"),
         "{stderr}"
@@ -235,7 +240,7 @@ fn the_vae_compression_reaches_the_stages_and_the_model() {
         "2",
         "--quiet",
     ]);
-    let refused = unifusion(&[
+    let stderr = refused(&[
         "train",
         "--out",
         o,
@@ -244,8 +249,6 @@ fn the_vae_compression_reaches_the_stages_and_the_model() {
         "3",
         "--quiet",
     ]);
-    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
-    let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(
         stderr.contains("trained a 4× VAE with 2 latent channels")
             && stderr.contains("ask for 4× with 3"),

@@ -282,7 +282,7 @@ fn check_stage_settings(dir: &Path, settings: &serde_json::Value) -> Result<(), 
 }
 
 /// The settings a stage's `stage.json` recorded, if it has one.
-fn saved_settings(dir: &Path) -> Result<Option<serde_json::Value>, TrainError> {
+pub fn saved_settings(dir: &Path) -> Result<Option<serde_json::Value>, TrainError> {
     let path = dir.join("stage.json");
     if !path.exists() {
         return Ok(None);
