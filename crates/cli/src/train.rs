@@ -96,14 +96,20 @@ pub struct Args {
     #[arg(long, value_name = "STEPS")]
     pub dit_reuse: Option<usize>,
     /// The VAE's pixels per latent cell: 2, 4 (the recipe's) or 8. The DiT packs 2 × 2
-    /// latent cells a token, so 2 gives it 256 tokens for a 64-px image, 4 gives 64. The
-    /// run's `vae/stage.json` records it: later calls on that run read it from there.
+    /// latent cells a token (see `--dit-patch-size`), so 2 gives it 256 tokens for a 64-px
+    /// image, 4 gives 64. The run's `vae/stage.json` records it: later calls on that run read
+    /// it from there.
     #[arg(long, value_name = "PX")]
     pub vae_downscale: Option<usize>,
-    /// The VAE's latent channels (the recipe's 8); the DiT's tokens are 4 × as wide. Later
-    /// calls on the run read it from `vae/stage.json`.
+    /// The VAE's latent channels (the recipe's 8); the DiT's tokens are patch² (4) × as wide.
+    /// Later calls on the run read it from `vae/stage.json`.
     #[arg(long, value_name = "CHANNELS")]
     pub vae_latent_channels: Option<usize>,
+    /// Latent cells per DiT token along each axis: 1, 2 (the recipe's), 4 or 8. With
+    /// `--vae-downscale 2`, 4 gives the recipe's 64 tokens for a 64-px image, each of 16
+    /// cells. The packed model's transformer config records it as `patch_size`.
+    #[arg(long, value_name = "CELLS")]
+    pub dit_patch_size: Option<usize>,
     /// As `--dit-shards`, for the VAE stage.
     #[arg(long)]
     pub vae_shards: Option<usize>,
@@ -239,7 +245,6 @@ fn adopt_run_shape(args: &Args, config: &mut RecipeConfig) -> Result<(), CliErro
                 .clone()
                 .with_compression(have.0, have.1)
                 .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
-            config.dit.transformer.in_channels = 4 * have.1;
         }
     }
     if let Some(settings) = saved("vlm")? {
@@ -267,6 +272,30 @@ fn adopt_run_shape(args: &Args, config: &mut RecipeConfig) -> Result<(), CliErro
     Ok(())
 }
 
+/// Sets the DiT's patch size (`--dit-patch-size`, else the recipe's) and the token width it
+/// makes of the VAE's latents; refuses a patch the VAE's latent grid does not split into.
+fn fit_dit_patches(args: &Args, config: &mut RecipeConfig) -> Result<(), CliError> {
+    let p = args
+        .dit_patch_size
+        .unwrap_or(config.dit.transformer.patch_size);
+    if ![1, 2, 4, 8].contains(&p) {
+        return Err(CliError::Usage(format!(
+            "--dit-patch-size must be 1, 2, 4 or 8, not {p}"
+        )));
+    }
+    let downscale = config.vae.downscale().max(1);
+    let grid = config.vae.image_size as usize / downscale;
+    if !grid.is_multiple_of(p) || grid < p {
+        return Err(CliError::Usage(format!(
+            "--dit-patch-size {p}: a {downscale}× VAE gives a {grid}×{grid} latent grid, which {p}×{p} patches do not tile"
+        )));
+    }
+    let t = &mut config.dit.transformer;
+    t.patch_size = p;
+    t.in_channels = p * p * config.vae.vae.latent_channels;
+    Ok(())
+}
+
 /// `unifusion train`.
 pub fn run(args: Args) -> Result<(), CliError> {
     let backend = match args.backend {
@@ -291,7 +320,6 @@ pub fn run(args: Args) -> Result<(), CliError> {
             .clone()
             .with_compression(downscale, channels)
             .map_err(CliError::Usage)?;
-        config.dit.transformer.in_channels = 4 * channels;
     }
     if let Some(steps) = args.steps {
         if steps == 0 {
@@ -478,6 +506,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
         config.dit.init_from = Some(path.clone());
     }
     adopt_run_shape(&args, &mut config)?;
+    fit_dit_patches(&args, &mut config)?;
     let stages: Vec<StageName> = if args.stages.is_empty() {
         StageName::ALL.to_vec()
     } else {

@@ -224,7 +224,7 @@ fn the_dit_size_reaches_the_stage_and_the_model() {
 /// records them: a later call without the flags trains its DiT on the run's VAE, and one whose
 /// flags ask for another VAE is refused with what the run holds.
 #[test]
-fn the_vae_compression_reaches_the_stages_and_the_model() {
+fn the_vae_compression_and_dit_patch_reach_the_stages_and_the_model() {
     let out = scratch("compression");
     let o = out.to_str().expect("utf-8 path");
     succeeds(&[
@@ -255,7 +255,16 @@ fn the_vae_compression_reaches_the_stages_and_the_model() {
         "{stderr}"
     );
     assert!(!out.join("vlm").exists(), "a refused call trains nothing");
-    succeeds(&["train", "--out", o, "--tiny", "--quiet"]);
+    // 4 × 4 patches of the 2 adopted channels: tokens of 32 values.
+    succeeds(&[
+        "train",
+        "--out",
+        o,
+        "--tiny",
+        "--dit-patch-size",
+        "4",
+        "--quiet",
+    ]);
     let read = |file: &str| json(&out.join(file));
     let vae_stage = &read("vae/stage.json")["vae"]["vae"];
     let vae_model = &read("model/config.json")["vae"]["config"];
@@ -267,11 +276,12 @@ fn the_vae_compression_reaches_the_stages_and_the_model() {
             "{v}"
         );
     }
-    assert_eq!(
-        read("dit/stage.json")["dit"]["transformer"]["in_channels"],
-        8
-    );
-    assert_eq!(read("model/config.json")["transformer"]["in_channels"], 8);
+    let dit_stage = &read("dit/stage.json")["dit"]["transformer"];
+    let dit_model = &read("model/config.json")["transformer"];
+    for t in [dit_stage, dit_model] {
+        assert_eq!(t["in_channels"], 32, "{t}");
+        assert_eq!(t["patch_size"], 4, "{t}");
+    }
     generates_an_image(&out);
     let _ = std::fs::remove_dir_all(&out);
 }
@@ -378,6 +388,18 @@ fn bad_flags_are_one_line_and_exit_2() {
         vec!["train", "--out", o, "--dit-abs-pos", "maybe"],
         vec!["train", "--out", o, "--vae-downscale", "3"],
         vec!["train", "--out", o, "--vae-latent-channels", "0"],
+        vec!["train", "--out", o, "--dit-patch-size", "3"],
+        vec!["train", "--out", o, "--dit-patch-size", "16"],
+        vec![
+            "train",
+            "--out",
+            o,
+            "--tiny",
+            "--vae-downscale",
+            "8",
+            "--dit-patch-size",
+            "8",
+        ],
         vec!["train", "--out", o, "--vlm-downsample-ratio", "0.3"],
         vec!["train", "--out", o, "--vlm-downsample-ratio", "NaN"],
         vec![

@@ -273,14 +273,64 @@ fn patchify_round_trips_in_krea2_order() {
     let device = Device::flex();
     let xv: Vec<f32> = (0..2 * 3 * 4 * 6).map(|i| i as f32).collect();
     let x = Tensor::<4>::from_data(TensorData::new(xv.clone(), [2, 3, 4, 6]), &device);
-    let p = patchify(x).expect("patchify");
+    let p = patchify(x.clone(), 2).expect("patchify");
     assert_eq!(p.dims(), [2, 6, 12]);
     // Token (row 0, col 1) = index 1; channel (c=1, ph=1, pw=0) = index 6; value x[0, 1, 1, 2].
     let (_, pv) = values(p.clone());
     assert_eq!(pv[12 + 6], xv[(4 + 1) * 6 + 2]);
-    let back = unpatchify(p, 2, 3).expect("unpatchify");
+    let back = unpatchify(p, 2, 3, 2).expect("unpatchify");
     let (_, bv) = values(back);
     assert_eq!(bv, xv);
+    // A patch of the whole 4×6 latent is one token per image: channels (c, ph, pw) in order.
+    let whole = patchify(
+        Tensor::<4>::from_data(TensorData::new(xv.clone(), [2, 3, 4, 4 + 2]), &device)
+            .narrow(3, 0, 4),
+        4,
+    )
+    .expect("patchify 4");
+    assert_eq!(whole.dims(), [2, 1, 48]);
+    let (_, wv) = values(whole.clone());
+    // Channel (c=2, ph=3, pw=1) of image 1 is x[1, 2, 3, 1].
+    assert_eq!(wv[48 + 2 * 16 + 3 * 4 + 1], xv[((3 + 2) * 4 + 3) * 6 + 1]);
+    let back = unpatchify(whole, 1, 1, 4).expect("unpatchify 4");
+    let (_, bv) = values(back);
+    let cropped: Vec<f32> = xv
+        .chunks(6)
+        .flat_map(|row| row[..4].iter().copied())
+        .collect();
+    assert_eq!(bv, cropped);
+    // Sizes the patch does not divide are refused, not truncated.
+    assert!(patchify(x.clone(), 4).is_err());
+    assert!(patchify(x, 0).is_err());
+    let tokens = Tensor::<3>::zeros([1, 4, 12], &device);
+    assert!(unpatchify(tokens.clone(), 2, 2, 4).is_err());
+    assert!(unpatchify(tokens, 2, 2, 2).is_ok());
+}
+
+#[test]
+fn patch_size_is_serialised_only_when_not_two_and_checked() {
+    let tiny = Krea2Config::tiny();
+    let json = serde_json::to_value(&tiny).expect("json");
+    assert!(json.get("patch_size").is_none(), "{json}");
+    let four = Krea2Config {
+        patch_size: 4,
+        in_channels: 64,
+        ..tiny.clone()
+    };
+    four.validate().expect("64 channels = 4 × 4² is valid");
+    assert_eq!(four.latent_channels(), 4);
+    let json = serde_json::to_value(&four).expect("json");
+    assert_eq!(json["patch_size"], 4);
+    let back: Krea2Config = serde_json::from_value(json).expect("reads");
+    assert_eq!(back, four);
+    for (patch_size, in_channels) in [(4, 24), (0, 16), (17, 17 * 17)] {
+        let bad = Krea2Config {
+            patch_size,
+            in_channels,
+            ..tiny.clone()
+        };
+        assert!(bad.validate().is_err(), "{patch_size} / {in_channels}");
+    }
 }
 
 #[test]

@@ -98,12 +98,22 @@ fn tiny_vae_config() -> AutoencoderTinyConfig {
 
 /// The tiny pipeline: taps from `config` (default every third: [0, 3]).
 fn pipeline(device: &Device, config: PipelineConfig, kl: bool) -> UniFusion {
+    pipeline_with(device, config, kl, Krea2Config::tiny()).expect("pipeline")
+}
+
+/// [`pipeline`] with another transformer config (its taps and text width set to fit).
+fn pipeline_with(
+    device: &Device,
+    config: PipelineConfig,
+    kl: bool,
+    transformer: Krea2Config,
+) -> Result<UniFusion, PipelineError> {
     let (vlm, vlm_config) = vlm(device);
     let n_taps = config.taps_for(vlm.num_layers()).len();
     let gen_config = Krea2Config {
         text_hidden_dim: 48,
         num_text_layers: n_taps,
-        ..Krea2Config::tiny()
+        ..transformer
     };
     let transformer =
         Krea2Transformer::load(&gen_config, &mut RandomInit::new(11, 0.2), device).expect("dit");
@@ -125,7 +135,7 @@ fn pipeline(device: &Device, config: PipelineConfig, kl: bool) -> UniFusion {
             .expect("tiny vae");
         (Vae::Tiny(d), VaeConfig::Tiny(c))
     };
-    UniFusion::new(vlm, &vlm_config, transformer, vae, &vae_config, config).expect("pipeline")
+    UniFusion::new(vlm, &vlm_config, transformer, vae, &vae_config, config)
 }
 
 fn config() -> PipelineConfig {
@@ -249,6 +259,49 @@ fn every_task_runs_end_to_end_at_the_requested_size() {
             }
         }
     }
+}
+
+#[test]
+fn a_four_by_four_patch_dit_samples_at_its_own_size_multiple() {
+    let device = Device::flex();
+    let four = Krea2Config {
+        patch_size: 4,
+        in_channels: 4 * 16,
+        ..Krea2Config::tiny()
+    };
+    for kl in [false, true] {
+        let two = pipeline(&device, config(), kl);
+        let p = pipeline_with(&device, config(), kl, four.clone()).expect("4×4 pipeline");
+        assert_eq!(p.size_multiple(), 2 * two.size_multiple());
+        let m = p.size_multiple();
+        let s = Settings {
+            width: 2 * m,
+            height: 3 * m,
+            ..settings()
+        };
+        let out = run(&p, Task::TextToImage, "a red circle", &[], &s).expect("runs");
+        assert_eq!((out.image.width, out.image.height), (2 * m, 3 * m));
+        let first = out.image.pixels[0];
+        assert!(
+            out.image.pixels.iter().any(|&v| v != first),
+            "constant image"
+        );
+        // A size the 2×2 DiT takes but the 4×4 one cannot is refused with the multiple.
+        let odd = Settings {
+            width: 2 * m + two.size_multiple(),
+            ..s.clone()
+        };
+        let err = run(&p, Task::TextToImage, "a red circle", &[], &odd).expect_err("refused");
+        assert!(matches!(err, PipelineError::Input(_)), "{err}");
+        assert!(err.to_string().contains(&m.to_string()), "{err}");
+    }
+    // 4×4 patches of 16 channels are 1 latent channel, not the VAE's 4.
+    let wrong = Krea2Config {
+        patch_size: 4,
+        ..Krea2Config::tiny()
+    };
+    let err = pipeline_with(&device, config(), false, wrong).expect_err("channels differ");
+    assert!(err.to_string().contains("16 × 1"), "{err}");
 }
 
 #[test]

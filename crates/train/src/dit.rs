@@ -238,6 +238,7 @@ fn dit_config(
     let head_dim = 16;
     Krea2Config {
         in_channels: latent_channels * 4,
+        patch_size: 2,
         num_layers: layers,
         attention_head_dim: head_dim,
         num_attention_heads: heads,
@@ -749,12 +750,13 @@ fn prepare(parts: &Parts<'_>, told: &[Sample], drawn: &[Sample]) -> Result<Prepa
         None => z,
     };
     let [_, _, lh, lw] = z.dims();
-    let x0 = patchify(z).map_err(|e| TrainError::Model(e.to_string()))?;
+    let p = config.transformer.patch_size;
+    let x0 = patchify(z, p).map_err(|e| TrainError::Model(e.to_string()))?;
     let weights = if config.foreground_weight == 0.0 {
         None
     } else {
-        let tokens = (lh / 2) * (lw / 2);
-        let side = frozen.image_size / (lw / 2) as u32;
+        let tokens = (lh / p) * (lw / p);
+        let side = frozen.image_size / (lw / p) as u32;
         let mut weights = Vec::with_capacity(drawn.len() * tokens);
         for (s, img) in drawn.iter().zip(&rendered) {
             let mut fg = foreground_squares(img, s.target.background(), side)?;
@@ -866,8 +868,8 @@ fn prepared_loss(
                 rows,
                 frozen.vlm_config.tokens_per_tile(),
                 len,
-                lh / 2,
-                lw / 2,
+                lh / config.transformer.patch_size,
+                lw / config.transformer.patch_size,
             )
         })
         .collect();
@@ -885,7 +887,8 @@ fn prepared_loss(
     let Some(weights) = &prepared.weights else {
         return Ok((err.mean(), t));
     };
-    let tokens = (lh / 2) * (lw / 2);
+    let p = config.transformer.patch_size;
+    let tokens = (lh / p) * (lw / p);
     let total: f32 = weights.iter().sum();
     let w = Tensor::<3>::from_data(TensorData::new(weights.clone(), [b, tokens, 1]), device);
     Ok(((err * w).sum() / total, t))

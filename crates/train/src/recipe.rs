@@ -178,8 +178,10 @@ impl RecipeConfig {
                     .into(),
             );
         }
-        if t.in_channels != 4 * self.vae.vae.latent_channels {
-            return bad("the DiT's in_channels must be 4 × the VAE's latent channels".into());
+        if t.in_channels != t.patch_size * t.patch_size * self.vae.vae.latent_channels {
+            return bad(
+                "the DiT's in_channels must be patch_size² × the VAE's latent channels".into(),
+            );
         }
         if self.vlm.image_size != self.vae.image_size
             || self.vlm.vlm.vision_config.image_size != [self.vae.image_size as usize; 2]

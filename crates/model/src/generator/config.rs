@@ -11,8 +11,13 @@ use super::GeneratorError;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Krea2Config {
-    /// Latent channels after 2×2 patchify (`vae_channels · 4`); also the output width.
+    /// Latent channels after patchify (`vae_channels · patch_size²`); also the output width.
     pub in_channels: usize,
+    /// Latent cells per token along each axis: the DiT packs `patch_size × patch_size` cells
+    /// of the VAE's latents into a token (diffusers' `_pack_latents`: 2). Not a Krea 2 field:
+    /// our extension, written only when it is not 2.
+    #[serde(skip_serializing_if = "is_two")]
+    pub patch_size: usize,
     /// Number of DiT blocks.
     pub num_layers: usize,
     /// Head width; the DiT width is `attention_head_dim · num_attention_heads`.
@@ -52,6 +57,10 @@ pub struct Krea2Config {
     pub abs_pos_embed: bool,
 }
 
+fn is_two(n: &usize) -> bool {
+    *n == 2
+}
+
 impl Default for Krea2Config {
     fn default() -> Self {
         Self::krea2()
@@ -63,6 +72,7 @@ impl Krea2Config {
     pub fn krea2() -> Self {
         Self {
             in_channels: 64,
+            patch_size: 2,
             num_layers: 28,
             attention_head_dim: 128,
             num_attention_heads: 48,
@@ -89,6 +99,7 @@ impl Krea2Config {
     pub fn unifusion_8b() -> Self {
         Self {
             in_channels: 64,
+            patch_size: 2,
             num_layers: 30,
             attention_head_dim: 128,
             num_attention_heads: 32,
@@ -113,6 +124,7 @@ impl Krea2Config {
     pub fn tiny() -> Self {
         Self {
             in_channels: 16,
+            patch_size: 2,
             num_layers: 2,
             attention_head_dim: 8,
             num_attention_heads: 4,
@@ -133,6 +145,11 @@ impl Krea2Config {
         }
     }
 
+    /// The VAE latent channels this DiT samples: `in_channels / patch_size²`.
+    pub fn latent_channels(&self) -> usize {
+        self.in_channels / (self.patch_size * self.patch_size).max(1)
+    }
+
     /// DiT width.
     pub fn hidden_size(&self) -> usize {
         self.attention_head_dim * self.num_attention_heads
@@ -150,6 +167,19 @@ impl Krea2Config {
         }
         if self.axes_dims_rope.iter().any(|d| d % 2 != 0) {
             return err("every axes_dims_rope entry must be even".into());
+        }
+        if !(1..=16).contains(&self.patch_size) {
+            return err(format!(
+                "patch_size must be 1 to 16, not {}",
+                self.patch_size
+            ));
+        }
+        let cells = self.patch_size * self.patch_size;
+        if self.in_channels == 0 || !self.in_channels.is_multiple_of(cells) {
+            return err(format!(
+                "in_channels = {} must be a positive multiple of patch_size² = {cells}",
+                self.in_channels
+            ));
         }
         if self.abs_pos_embed && !self.hidden_size().is_multiple_of(4) {
             return err(format!(

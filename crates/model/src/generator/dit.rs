@@ -6,7 +6,8 @@
 //! learned `[6, D]` table (pre/post scale, shift, gate). Blocks: RMSNorm(1+scale) → modulate
 //! → gated GQA attention with QK-norm and 3-axis RoPE → gated residual; the same around a
 //! SwiGLU. The final layer modulates with `temb` + a learned `[2, D]` table.
-//! Latents enter 2×2-patchified: [`patchify`] / [`unpatchify`] (Krea 2's `_pack_latents`).
+//! Latents enter `p × p`-patchified (Krea 2's `_pack_latents`: `p = 2`; [`Krea2Config::patch_size`]):
+//! [`patchify`] / [`unpatchify`].
 
 use burn::module::{Module, Param};
 use burn::nn::Linear;
@@ -207,6 +208,8 @@ pub struct Krea2Transformer {
     pub text_hidden_dim: usize,
     /// Latent channels per token.
     pub in_channels: usize,
+    /// Latent cells per token along each axis ([`Krea2Config::patch_size`]).
+    pub patch_size: usize,
     /// RoPE head-dim split over (t, h, w).
     pub rope_axes: [usize; 3],
     /// RoPE base.
@@ -256,6 +259,7 @@ impl Krea2Transformer {
             num_text_layers: config.num_text_layers,
             text_hidden_dim: config.text_hidden_dim,
             in_channels: c,
+            patch_size: config.patch_size,
             rope_axes: config.axes_dims_rope,
             rope_theta: config.rope_theta,
             abs_pos_embed: config.abs_pos_embed,
@@ -379,39 +383,41 @@ impl Krea2Transformer {
     }
 }
 
-/// `[B, C, H, W]` → `[B, (H/2)·(W/2), C·4]`, channel order `(c, ph, pw)`, tokens row-major.
-pub fn patchify(latents: Tensor<4>) -> Result<Tensor<3>, GeneratorError> {
+/// `[B, C, H, W]` → `[B, (H/p)·(W/p), C·p²]` for `p × p` patches, channel order `(c, ph, pw)`,
+/// tokens row-major (diffusers' `_pack_latents` for `p = 2`).
+pub fn patchify(latents: Tensor<4>, p: usize) -> Result<Tensor<3>, GeneratorError> {
     let [b, c, h, w] = latents.dims();
-    if h % 2 != 0 || w % 2 != 0 {
+    if p == 0 || h % p != 0 || w % p != 0 {
         return Err(GeneratorError::Shape {
             name: "latents",
             got: vec![b, c, h, w],
-            expected: "even height and width (2×2 patches)".into(),
+            expected: format!("height and width divisible by the patch size {p}"),
         });
     }
     Ok(latents
-        .reshape([b, c, h / 2, 2, w / 2, 2])
+        .reshape([b, c, h / p, p, w / p, p])
         .permute([0, 2, 4, 1, 3, 5])
-        .reshape([b, (h / 2) * (w / 2), c * 4]))
+        .reshape([b, (h / p) * (w / p), c * p * p]))
 }
 
-/// Inverse of [`patchify`]: `[B, grid_h·grid_w, C·4]` → `[B, C, 2·grid_h, 2·grid_w]`.
+/// Inverse of [`patchify`]: `[B, grid_h·grid_w, C·p²]` → `[B, C, p·grid_h, p·grid_w]`.
 pub fn unpatchify(
     tokens: Tensor<3>,
     grid_h: usize,
     grid_w: usize,
+    p: usize,
 ) -> Result<Tensor<4>, GeneratorError> {
-    let [b, n, c4] = tokens.dims();
-    if n != grid_h * grid_w || c4 % 4 != 0 {
+    let [b, n, cp] = tokens.dims();
+    if p == 0 || n != grid_h * grid_w || cp % (p * p) != 0 {
         return Err(GeneratorError::Shape {
             name: "tokens",
-            got: vec![b, n, c4],
-            expected: format!("[_, {}, 4·C]", grid_h * grid_w),
+            got: vec![b, n, cp],
+            expected: format!("[_, {}, {}·C]", grid_h * grid_w, p * p),
         });
     }
-    let c = c4 / 4;
+    let c = cp / (p * p);
     Ok(tokens
-        .reshape([b, grid_h, grid_w, c, 2, 2])
+        .reshape([b, grid_h, grid_w, c, p, p])
         .permute([0, 3, 1, 4, 2, 5])
-        .reshape([b, c, grid_h * 2, grid_w * 2]))
+        .reshape([b, c, grid_h * p, grid_w * p]))
 }

@@ -13,7 +13,7 @@
 //! - [`layers`]: Krea 2's RMSNorm(1+scale), gated GQA attention with QK-norm, SwiGLU.
 //! - [`rope`]: the 3-axis (t, h, w) rotary table.
 //! - [`text_fusion`]: layer-wise blocks (LAP), projector, refiner blocks, `txt_in`.
-//! - [`dit`]: the timestep embedding, DiT blocks, final layer, 2×2 patchify.
+//! - [`dit`]: the timestep embedding, DiT blocks, final layer, `p × p` patchify.
 //! - [`sampler`]: the schedule, Euler steps, CFG, seeded noise, callbacks, cancellation.
 //! - [`vae`] and [`tiny_vae`]: the decoders and encoders, latent ↔ image helpers.
 

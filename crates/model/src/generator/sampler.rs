@@ -259,13 +259,14 @@ pub struct GenerateOptions {
     pub guidance: f32,
     /// Seed of the initial noise.
     pub seed: u64,
-    /// VAE latent height (even; the DiT sees `height/2 × width/2` tokens).
+    /// VAE latent height (a multiple of the patch size `p`; the DiT sees
+    /// `height/p × width/p` tokens).
     pub height: usize,
-    /// VAE latent width (even).
+    /// VAE latent width (a multiple of `p`).
     pub width: usize,
 }
 
-/// Text-to-latents: seeded noise `[B, C, h, w]` (C = `in_channels / 4`) → 2×2 patchify →
+/// Text-to-latents: seeded noise `[B, C, h, w]` (C = `in_channels / p²`) → `p × p` patchify →
 /// [`sample`] with [`Guided`] on the [`FlowMatchEuler`] schedule → unpatchify. Returns the
 /// pipeline latents, ready for the VAE's `unscale_latents` and `decode`. `null` must have the
 /// same text length as `cond` (pad it with the mask).
@@ -278,14 +279,15 @@ pub fn generate_latents(
 ) -> Result<Tensor<4>, SampleError> {
     let [batch, text_len, _] = cond.tokens.dims();
     let device = cond.tokens.device();
-    let (gh, gw) = (options.height / 2, options.width / 2);
-    let channels = model.in_channels / 4;
+    let p = model.patch_size;
+    let (gh, gw) = (options.height / p, options.width / p);
+    let channels = model.in_channels / (p * p);
     let noise = seeded_noise::<4>(
         options.seed,
         [batch, channels, options.height, options.width],
         &device,
     );
-    let x = patchify(noise)?;
+    let x = patchify(noise, p)?;
     let rope = RopeTable::new(
         &position_ids(text_len, gh, gw),
         model.rope_axes,
@@ -301,7 +303,7 @@ pub fn generate_latents(
     };
     let scheduler = FlowMatchEuler::with_shift(options.steps, options.shift, gh * gw);
     let x = sample(&scheduler, &denoiser, x, on_step)?;
-    Ok(unpatchify(x, gh, gw)?)
+    Ok(unpatchify(x, gh, gw, p)?)
 }
 
 /// Standard normal numbers from a seed, identical on every platform: SplitMix64 uniforms and

@@ -105,7 +105,8 @@ pub struct UniFusion {
 impl UniFusion {
     /// Joins the pieces; fails when they do not fit: the number of taps must equal the
     /// transformer's `num_text_layers`, the VLM width its `text_hidden_dim`, and the VAE's
-    /// latent channels (`vae_config`, the config `vae` was built from) `in_channels / 4`.
+    /// latent channels (`vae_config`, the config `vae` was built from) `in_channels / p²` for the
+    /// transformer's patch size `p`.
     pub fn new(
         vlm: InternVl,
         vlm_config: &InternVlConfig,
@@ -135,7 +136,15 @@ impl UniFusion {
                 transformer.text_hidden_dim
             )));
         }
-        let latent_channels = transformer.in_channels / 4;
+        let p = transformer.patch_size;
+        let cells = p * p;
+        if p == 0 || !transformer.in_channels.is_multiple_of(cells) {
+            return Err(PipelineError::Config(format!(
+                "the transformer's in_channels ({}) is not a multiple of patch_size² ({cells})",
+                transformer.in_channels
+            )));
+        }
+        let latent_channels = transformer.in_channels / cells;
         let (vae_channels, downscale) = match (&vae, vae_config) {
             (Vae::Kl(_), VaeConfig::Kl(c)) => (c.latent_channels, c.downscale()),
             (Vae::Tiny(_), VaeConfig::Tiny(c)) => (
@@ -149,9 +158,9 @@ impl UniFusion {
                 ));
             }
         };
-        if vae_channels != latent_channels || !transformer.in_channels.is_multiple_of(4) {
+        if vae_channels != latent_channels {
             return Err(PipelineError::Config(format!(
-                "the transformer samples {} channels (= 4 × {latent_channels}) but the VAE decodes {vae_channels}",
+                "the transformer samples {} channels (= {cells} × {latent_channels}) but the VAE decodes {vae_channels}",
                 transformer.in_channels
             )));
         }
@@ -178,9 +187,9 @@ impl UniFusion {
         &self.taps
     }
 
-    /// Output sizes must be multiples of this (VAE downscale × 2×2 patches).
+    /// Output sizes must be multiples of this (VAE downscale × the DiT's patch size).
     pub fn size_multiple(&self) -> usize {
-        self.downscale * 2
+        self.downscale * self.transformer.patch_size
     }
 
     /// The device the model lives on.

@@ -352,7 +352,8 @@ impl UniFusion {
             settings.height / self.downscale,
             settings.width / self.downscale,
         );
-        let (gh, gw) = (h / 2, w / 2);
+        let p = self.transformer.patch_size;
+        let (gh, gw) = (h / p, w / p);
         let noise = seeded_noise::<4>(settings.seed, [1, self.latent_channels, h, w], &device);
         let scheduler = FlowMatchEuler::with_shift(settings.steps, settings.shift, gh * gw);
         Ok(Sampling {
@@ -362,7 +363,7 @@ impl UniFusion {
             settings,
             total: scheduler.steps(),
             scheduler,
-            x: patchify(noise)?,
+            x: patchify(noise, p)?,
             ropes: HashMap::new(),
             grid: (gh, gw),
             device,
@@ -466,7 +467,7 @@ impl Sampling<'_> {
     /// Patchified latents → pipeline latents `[1, C, h, w]`.
     fn to_latents(&self, x: Tensor<3>) -> Result<Tensor<4>, PipelineError> {
         let (gh, gw) = self.grid;
-        Ok(unpatchify(x, gh, gw)?)
+        Ok(unpatchify(x, gh, gw, self.model.transformer.patch_size)?)
     }
 }
 
