@@ -6,7 +6,8 @@
 # serving 1, 2 and 4 steps (`--dit-reuse`; ratio to 1; give STEPS a multiple of 16).
 # The stage `dit-vae` times the recipe's DiT on RUN's VAE and then on the VAE of each run in
 # $VAE_RUNS (space-separated; e.g. a 2× VAE: more image tokens), its compression passed as
-# `--vae-downscale` / `--vae-latent-channels`; ratio to RUN's VAE.
+# `--vae-downscale` / `--vae-latent-channels`; an entry `DIR:P` also packs P × P latent cells
+# a DiT token (`--dit-patch-size P`; the recipe's 2 otherwise); ratio to RUN's VAE.
 #
 #   bash scripts/bench-train.sh RUN [STEPS] [REPEATS] [STAGES]
 #
@@ -44,14 +45,19 @@ v = json.load(open(sys.argv[1]))["vae"]["vae"]
 print(2 ** (len(v["decoder_block_out_channels"]) - 1), v["latent_channels"])' "$1/stage.json"
 }
 
-echo "| stage | threads (dit-reuse: steps a batch; dit-vae: VAE px, channels) | s/step (median of $repeats × $steps steps) | speed-up |"
+echo "| stage | threads (dit-reuse: steps a batch; dit-vae: VAE px, channels, DiT patch) | s/step (median of $repeats × $steps steps) | speed-up |"
 echo "|---|---:|---:|---:|"
 for stage in $stages; do
   base=""
   variants="1 2 4"
   if [ "$stage" = dit-vae ]; then
     variants="$run/vae"
-    for other in ${VAE_RUNS:-}; do variants="$variants $other/vae"; done
+    for other in ${VAE_RUNS:-}; do
+      case "$other" in
+        *:*) variants="$variants ${other%:*}/vae:${other##*:}" ;;
+        *) variants="$variants $other/vae" ;;
+      esac
+    done
   fi
   for variant in $variants; do
     times=()
@@ -71,9 +77,13 @@ for stage in $stages; do
           flags=(--dit-steps "$steps" --dit-shards 4 --dit-reuse "$variant")
           ;;
         dit-vae)
-          cp -r "$variant" "$run/vlm" "$out/"
-          read -r px channels < <(vae_flags "$variant")
-          flags=(--dit-steps "$steps" --vae-downscale "$px" --vae-latent-channels "$channels")
+          vae="${variant%%:*}"
+          patch=2
+          [ "$vae" = "$variant" ] || patch="${variant##*:}"
+          cp -r "$vae" "$run/vlm" "$out/"
+          read -r px channels < <(vae_flags "$vae")
+          flags=(--dit-steps "$steps" --vae-downscale "$px" --vae-latent-channels "$channels"
+            --dit-patch-size "$patch")
           ;;
         *) echo "unknown stage $stage" >&2; exit 2 ;;
       esac
@@ -86,7 +96,7 @@ for stage in $stages; do
     m=$(printf '%s\n' "${times[@]}" | median)
     [ -n "$base" ] || base="$m"
     label="$variant"
-    [ "$stage" != dit-vae ] || label="$(vae_flags "$variant" | tr ' ' ',')"
+    [ "$stage" != dit-vae ] || label="$(vae_flags "${variant%%:*}" | tr ' ' ','), patch ${patch}"
     printf '| %s | %s | %.3f | %.2f× |\n' "$stage" "$label" "$m" "$(awk -v b="$base" -v m="$m" 'BEGIN {print b / m}')"
   done
 done
