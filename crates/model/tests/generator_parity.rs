@@ -308,6 +308,30 @@ fn patchify_round_trips_in_krea2_order() {
 }
 
 #[test]
+fn vae_configs_that_downscale_past_the_limit_are_refused_not_overflowed() {
+    let tiny: AutoencoderTinyConfig = config("tiny_vae");
+    tiny.validate().expect("fixture config");
+    let huge = AutoencoderTinyConfig {
+        upsampling_scaling_factor: 1 << 40,
+        ..tiny.clone()
+    };
+    assert_eq!(huge.downscale(), usize::MAX);
+    let e = huge.validate().expect_err("refused").to_string();
+    assert!(e.contains("at most 64×"), "{e}");
+    let kl: AutoencoderKlConfig = config("vae");
+    kl.validate().expect("fixture config");
+    let deep = AutoencoderKlConfig {
+        block_out_channels: vec![4; 80],
+        down_block_types: vec!["DownEncoderBlock2D".into(); 80],
+        up_block_types: vec!["UpDecoderBlock2D".into(); 80],
+        ..kl
+    };
+    assert_eq!(deep.downscale(), usize::MAX);
+    let e = deep.validate().expect_err("refused").to_string();
+    assert!(e.contains("at most 64×"), "{e}");
+}
+
+#[test]
 fn patch_size_is_serialised_only_when_not_two_and_checked() {
     let tiny = Krea2Config::tiny();
     let json = serde_json::to_value(&tiny).expect("json");

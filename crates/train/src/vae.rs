@@ -154,9 +154,7 @@ impl VaeStageConfig {
 
     /// Pixels per latent cell.
     pub fn downscale(&self) -> usize {
-        self.vae
-            .upsampling_scaling_factor
-            .pow(self.vae.num_decoder_blocks.len().saturating_sub(1) as u32)
+        self.vae.downscale()
     }
 }
 

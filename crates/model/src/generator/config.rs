@@ -57,6 +57,9 @@ pub struct Krea2Config {
     pub abs_pos_embed: bool,
 }
 
+/// The largest VAE downscale (pixels per latent cell) a config may declare.
+pub const MAX_VAE_DOWNSCALE: usize = 64;
+
 fn is_two(n: &usize) -> bool {
     *n == 2
 }
@@ -281,7 +284,7 @@ impl AutoencoderKlConfig {
 
     /// Spatial down-sampling factor: `2^(levels − 1)`.
     pub fn downscale(&self) -> usize {
-        1 << self.block_out_channels.len().saturating_sub(1)
+        2usize.saturating_pow(self.block_out_channels.len().saturating_sub(1) as u32)
     }
 
     /// Rejects configs this crate cannot build.
@@ -290,6 +293,12 @@ impl AutoencoderKlConfig {
         let n = self.block_out_channels.len();
         if n == 0 {
             return err("block_out_channels is empty".into());
+        }
+        if self.downscale() > MAX_VAE_DOWNSCALE {
+            return err(format!(
+                "{n} blocks downscale {}×; at most {MAX_VAE_DOWNSCALE}× is supported",
+                self.downscale()
+            ));
         }
         if self.down_block_types.len() != n || self.up_block_types.len() != n {
             return err(format!(
@@ -376,6 +385,13 @@ impl Default for AutoencoderTinyConfig {
 }
 
 impl AutoencoderTinyConfig {
+    /// Pixels per latent cell: `upsampling_scaling_factor` to the number of decoder levels
+    /// less one (saturating: [`Self::validate`] refuses more than [`MAX_VAE_DOWNSCALE`]).
+    pub fn downscale(&self) -> usize {
+        self.upsampling_scaling_factor
+            .saturating_pow(self.num_decoder_blocks.len().saturating_sub(1) as u32)
+    }
+
     /// TAEF1: TAESD's layout with 16 latent channels.
     pub fn taef1() -> Self {
         Self {
@@ -424,6 +440,14 @@ impl AutoencoderTinyConfig {
         }
         if self.upsampling_scaling_factor == 0 {
             return err("upsampling_scaling_factor must be positive".into());
+        }
+        if self.downscale() > MAX_VAE_DOWNSCALE {
+            return err(format!(
+                "upsampling_scaling_factor {} over {} decoder levels downscales {}×; at most {MAX_VAE_DOWNSCALE}× is supported",
+                self.upsampling_scaling_factor,
+                self.num_decoder_blocks.len(),
+                self.downscale()
+            ));
         }
         if !self.scaling_factor.is_finite()
             || self.scaling_factor == 0.0

@@ -147,11 +147,7 @@ impl UniFusion {
         let latent_channels = transformer.in_channels / cells;
         let (vae_channels, downscale) = match (&vae, vae_config) {
             (Vae::Kl(_), VaeConfig::Kl(c)) => (c.latent_channels, c.downscale()),
-            (Vae::Tiny(_), VaeConfig::Tiny(c)) => (
-                c.latent_channels,
-                c.upsampling_scaling_factor
-                    .pow(c.num_decoder_blocks.len().saturating_sub(1) as u32),
-            ),
+            (Vae::Tiny(_), VaeConfig::Tiny(c)) => (c.latent_channels, c.downscale()),
             _ => {
                 return Err(PipelineError::Config(
                     "the VAE and its config are of different kinds".into(),
