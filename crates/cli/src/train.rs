@@ -218,11 +218,7 @@ fn adopt_run_shape(args: &Args, config: &mut RecipeConfig) -> Result<(), CliErro
         let path = args.out.join("vae/stage.json");
         let vae: AutoencoderTinyConfig = serde_json::from_value(settings["vae"]["vae"].clone())
             .map_err(|e| CliError::Usage(format!("{}: its VAE config: {e}", path.display())))?;
-        let compression = |v: &AutoencoderTinyConfig| {
-            let levels = v.num_decoder_blocks.len().saturating_sub(1) as u32;
-            let downscale = v.upsampling_scaling_factor.checked_pow(levels).unwrap_or(0);
-            (downscale, v.latent_channels)
-        };
+        let compression = |v: &AutoencoderTinyConfig| (v.downscale(), v.latent_channels);
         // A flag left out means the run's value, not the recipe's.
         let have = compression(&vae);
         let want = (
