@@ -147,6 +147,11 @@ pub struct Args {
     /// the statistics (`latents_mean`, `latents_std`) and the pipeline undoes them.
     #[arg(long)]
     pub dit_normalize_latents: bool,
+    /// Train the DiT on binding pairs: each text-to-image sample of two or more colours is
+    /// followed in its batch by the same objects with their colours handed on, under the same
+    /// noise and timestep, so the two differ only in which object has which colour
+    #[arg(long)]
+    pub dit_binding_pairs: bool,
     /// Start the DiT from a finished DiT's weights (another run's
     /// `dit/transformer.safetensors`, same transformer config) and fine-tune them under this
     /// run's schedule, batch and seed (e.g. a continuation at a bigger batch on a GPU)
@@ -492,6 +497,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
         config.dit.weight_changes = true;
     }
     config.dit.normalize_latents |= args.dit_normalize_latents;
+    config.dit.binding_pairs |= args.dit_binding_pairs;
     if let Some(path) = &args.dit_init {
         if !path.is_file() {
             return Err(CliError::Usage(format!(

@@ -186,8 +186,8 @@ fn normalized_latents_reach_the_model_config_and_generate_reads_it() {
 
 /// `--dit-size`: the tiny recipe trains a DiT of the given heads, blocks and MLP width, its
 /// stage and the model directory's transformer config record them, and `generate` loads it;
-/// `--dit-reuse` and a bare `--dit-abs-pos` (the tiny recipe has no absolute positions) reach
-/// the stage's settings beside them.
+/// `--dit-reuse`, a bare `--dit-abs-pos` (the tiny recipe has no absolute positions) and
+/// `--dit-binding-pairs` reach the stage's settings beside them.
 #[test]
 fn the_dit_size_reaches_the_stage_and_the_model() {
     let out = scratch("size");
@@ -202,10 +202,12 @@ fn the_dit_size_reaches_the_stage_and_the_model() {
         "--dit-reuse",
         "2",
         "--dit-abs-pos",
+        "--dit-binding-pairs",
         "--quiet",
     ]);
     let read = |file: &str| json(&out.join(file));
     assert_eq!(read("dit/stage.json")["dit"]["reuse"], 2);
+    assert_eq!(read("dit/stage.json")["dit"]["binding_pairs"], true);
     let stage = &read("dit/stage.json")["dit"]["transformer"];
     let model = &read("model/config.json")["transformer"];
     for t in [stage, model] {

@@ -268,6 +268,44 @@ pub fn sample(seed: u64, index: u64, mix_of: &TaskMix) -> Sample {
     }
 }
 
+/// The binding partner of a text-to-image sample: the same objects (shapes, sizes, cells) and
+/// background with their colours handed on `k` objects along in reading order (object `i`
+/// takes object `i + k`'s colour), for the first `k` whose scene differs and uses no held-out
+/// pair, phrased afresh with `seed`. The two differ only in which object has which colour, the
+/// one thing the DiT learns slowest (the condition probe, docs/TRAINING.md). `None` for
+/// another task, a single object, one colour for all, or no allowed rotation.
+pub fn rebound(sample: &Sample, seed: u64) -> Option<Sample> {
+    if sample.task != TextTask::Rewrite {
+        return None;
+    }
+    let objects = sample.target.objects();
+    let n = objects.len();
+    let held = held_out();
+    (1..n).find_map(|k| {
+        let new: Vec<_> = (0..n)
+            .map(|i| unifusion_world::Object {
+                color: objects[(i + k) % n].color,
+                ..objects[i]
+            })
+            .collect();
+        if new == objects {
+            return None;
+        }
+        let target = Scene::new(sample.target.background(), new).ok()?;
+        if held.touches(&target) {
+            return None;
+        }
+        let p = phrase(&target, seed);
+        Some(Sample {
+            task: TextTask::Rewrite,
+            inputs: Vec::new(),
+            order: p.mentions.iter().map(|m| m.object).collect(),
+            prompt: p.text,
+            target,
+        })
+    })
+}
+
 /// Every kind of text the model reads or writes, for the tokenizer: `n` samples of each task
 /// (prompts and answers), the VERIFI system prompt and the chat template's words.
 pub fn text_corpus(seed: u64, n: u64) -> Vec<String> {
@@ -302,6 +340,53 @@ pub fn text_corpus(seed: u64, n: u64) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_binding_partner_moves_only_the_colours_between_objects() {
+        let mix_of = TaskMix {
+            caption: 1.0,
+            rewrite: 2.0,
+            edit: 1.0,
+            transfer: 0.25,
+        };
+        let held = held_out();
+        let (mut partners, mut none_multi) = (0, 0);
+        for i in 0..400 {
+            let s = sample(5, i, &mix_of);
+            let colours = |sc: &Scene| {
+                let mut c: Vec<_> = sc.objects().iter().map(|o| o.color).collect();
+                c.sort_by_key(|c| c.name());
+                c
+            };
+            let Some(p) = rebound(&s, mix(5, i)) else {
+                let objects = s.target.objects();
+                let one_colour = objects.iter().all(|o| o.color == objects[0].color);
+                if s.task == TextTask::Rewrite && !one_colour {
+                    none_multi += 1; // every rotation touches a held-out pair
+                }
+                continue;
+            };
+            partners += 1;
+            assert_eq!(s.task, TextTask::Rewrite);
+            assert_eq!(p.task, TextTask::Rewrite);
+            assert_ne!(p.target, s.target);
+            assert!(!held.touches(&p.target));
+            assert_eq!(p.target.background(), s.target.background());
+            assert_eq!(colours(&p.target), colours(&s.target));
+            for (a, b) in p.target.objects().iter().zip(s.target.objects()) {
+                assert_eq!((a.shape, a.size, a.cell), (b.shape, b.size, b.cell));
+            }
+            // Its answer (the DiT's condition) describes the new scene, every object once.
+            let (background, mut read) =
+                unifusion_world::read_description(&p.answer()).expect("canonical");
+            read.sort_by_key(|o| o.cell);
+            assert_eq!(background, p.target.background());
+            assert_eq!(read, p.target.objects());
+            assert_ne!(p.prompt, s.prompt);
+        }
+        assert!(partners > 60, "{partners} partners of 400 samples");
+        assert!(none_multi < partners / 4, "{none_multi} refused");
+    }
 
     #[test]
     fn changed_squares_mark_exactly_the_squares_that_differ() {

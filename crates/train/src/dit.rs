@@ -37,7 +37,9 @@ use unifusion_model::vlm::processor::VlmTokenizer;
 use unifusion_model::vlm::{GenerateOptions, InternVl, InternVlConfig};
 use unifusion_world::{RenderConfig, render};
 
-use crate::data::{Sample, TaskMix, TextTask, changed_squares, foreground_squares, mix, sample};
+use crate::data::{
+    Sample, TaskMix, TextTask, changed_squares, foreground_squares, mix, rebound, sample,
+};
 use crate::named::{Init, NamedParams, NamedTensors, Recorder, read_safetensors};
 use crate::tokenizer::IM_END;
 use crate::trainer::{
@@ -123,6 +125,14 @@ pub struct DitStageConfig {
     /// recipe step (docs/BENCHMARKS.md), so reuse buys steps at a cost of fewer samples.
     #[serde(default = "one_shard", skip_serializing_if = "is_one_shard")]
     pub reuse: usize,
+    /// Binding pairs: every odd sample of a batch whose predecessor is a text-to-image sample
+    /// with two or more colours is instead that sample's binding partner ([`rebound`]: the
+    /// same objects with their colours handed on), trained with the predecessor's noise,
+    /// timestep and dropout when the two share a shard. The pair's losses then differ only
+    /// by which object has which colour, the binding the condition probe finds learnt
+    /// slowest. Off: every sample drawn on its own, as before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub binding_pairs: bool,
 }
 
 /// The batch that step `k` trains on when every batch serves `reuse` steps: in each window
@@ -305,6 +315,7 @@ impl DitStageConfig {
             normalize_latents: false,
             init_from: None,
             reuse: 4,
+            binding_pairs: false,
         }
     }
 
@@ -341,6 +352,7 @@ impl DitStageConfig {
             normalize_latents: false,
             init_from: None,
             reuse: 1,
+            binding_pairs: false,
         }
     }
 }
@@ -617,6 +629,9 @@ struct Prepared {
     grid: (usize, usize),
     /// Each latent token's loss weight, `[B·T]` (none: plain MSE).
     weights: Option<Vec<f32>>,
+    /// Whether each sample is the binding partner of the one before it (which it then
+    /// shares noise, timestep and dropout with; the first never is).
+    paired: Vec<bool>,
 }
 
 /// The prepared batches of the current window, by shard and batch ([`batch_of_step`]);
@@ -676,16 +691,17 @@ fn shard_loss(
     let index = batch_of_step(k, reuse);
     let make = || {
         let (first, end) = shard_range(batch, shard, shards);
-        let samples: Vec<Sample> = (first..end)
-            .map(|i| {
-                sample(
-                    mix(parts.seed, 0xD1),
-                    (index * batch + i) as u64,
-                    &parts.config.mix,
-                )
-            })
+        let (samples, paired): (Vec<Sample>, Vec<bool>) = (first..end)
+            .map(|i| training_sample(parts, index * batch + i))
+            .unzip();
+        let mut prepared = prepare(parts, &samples, &samples)?;
+        // A partner whose predecessor sits in another shard draws its own noise.
+        prepared.paired = paired
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| p && i > 0)
             .collect();
-        prepare(parts, &samples, &samples)
+        Ok(prepared)
     };
     let prepared = if reuse == 1 {
         Arc::new(make()?)
@@ -694,6 +710,18 @@ fn shard_loss(
         parts.batches.get(shard, index, oldest, make)?
     };
     Ok(prepared_loss(parts, model, &prepared, k, shard, shards)?.0)
+}
+
+/// Training sample `j` of the stage's stream, and whether it is the binding partner of sample
+/// `j − 1` (`binding_pairs`, odd `j` only; otherwise sample `j` as drawn).
+fn training_sample(parts: &Parts<'_>, j: usize) -> (Sample, bool) {
+    let draw = |j: usize| sample(mix(parts.seed, 0xD1), j as u64, &parts.config.mix);
+    if parts.config.binding_pairs && j % 2 == 1 {
+        if let Some(partner) = rebound(&draw(j - 1), mix(mix(parts.seed, 0xDB), j as u64)) {
+            return (partner, true);
+        }
+    }
+    (draw(j), false)
 }
 
 /// The flow-matching loss of `drawn`'s targets under the conditions of `told` (the same
@@ -784,6 +812,7 @@ fn prepare(parts: &Parts<'_>, told: &[Sample], drawn: &[Sample]) -> Result<Prepa
         Some(weights)
     };
     Ok(Prepared {
+        paired: vec![false; conds.len()],
         conds,
         image_rows,
         x0,
@@ -817,8 +846,13 @@ fn prepared_loss(
     let mut image_rows = prepared.image_rows.clone();
     let mut conds = prepared.conds.clone();
     let mut coin = ChaCha8Rng::seed_from_u64(stream(0xD3));
-    for (c, rows) in conds.iter_mut().zip(&mut image_rows) {
-        if coin.random::<f32>() < config.cond_dropout {
+    let mut dropped = false;
+    for (i, (c, rows)) in conds.iter_mut().zip(&mut image_rows).enumerate() {
+        let toss = coin.random::<f32>() < config.cond_dropout;
+        // A binding partner follows its predecessor's toss (drawn all the same, so the
+        // stream stays aligned with unpaired batches).
+        dropped = if prepared.paired[i] { dropped } else { toss };
+        if dropped {
             *c = null.clone();
             *rows = 0;
         }
@@ -848,11 +882,16 @@ fn prepared_loss(
     let x0 = Tensor::<3>::from_data(prepared.x0.clone().into_data(), device);
     let dims = x0.dims();
     let count: usize = dims.iter().product();
-    let eps: Vec<f32> = (0..count).map(|_| rng.next_f32()).collect();
-    let eps = Tensor::<3>::from_data(TensorData::new(eps, dims), device);
-    let t: Vec<f32> = (0..b)
+    let mut eps: Vec<f32> = (0..count).map(|_| rng.next_f32()).collect();
+    let mut t: Vec<f32> = (0..b)
         .map(|_| 1.0 / (1.0 + (-(rng.next_f32() + config.t_mean)).exp()))
         .collect();
+    let per_sample = count / b.max(1);
+    for i in (1..b).filter(|&i| prepared.paired[i]) {
+        eps.copy_within((i - 1) * per_sample..i * per_sample, i * per_sample);
+        t[i] = t[i - 1];
+    }
+    let eps = Tensor::<3>::from_data(TensorData::new(eps, dims), device);
     let tt = Tensor::<1>::from_data(TensorData::new(t.clone(), [b]), device);
     let t3 = tt.clone().reshape([b, 1, 1]);
     let xt = x0.clone() * (t3.clone().neg() + 1.0) + eps.clone() * t3;
@@ -1197,6 +1236,54 @@ mod tests {
         let origin = two_steps(0.0, 1.0, |_| {});
         let centre = two_steps(0.0, 1.0, |c| c.text_positions = TextPositions::Center);
         let moved = largest_change(&origin, &centre);
+        assert!(moved > 1e-4, "weights moved by {moved} at most");
+    }
+
+    /// Binding pairs: on text to image an odd sample is its predecessor's partner and shares
+    /// its noise and timestep; edits never pair, so their training is unchanged bit for bit.
+    #[test]
+    fn binding_pairs_share_noise_with_their_partner_and_leave_edits_alone() {
+        let stage = tiny_stage(|c| {
+            c.binding_pairs = true;
+            c.mix = TaskMix {
+                caption: 0.0,
+                rewrite: 1.0,
+                edit: 0.0,
+                transfer: 0.0,
+            };
+        });
+        let parts = stage.parts();
+        let j = (1..80)
+            .step_by(2)
+            .find(|&j| training_sample(&parts, j).1)
+            .expect("a partner in 40 pairs");
+        let (before, first_paired) = training_sample(&parts, j - 1);
+        let (partner, _) = training_sample(&parts, j);
+        assert!(!first_paired, "even samples are drawn");
+        let expected = rebound(&before, mix(mix(parts.seed, 0xDB), j as u64)).expect("pairs");
+        assert_eq!(partner.target, expected.target);
+        assert_ne!(partner.target, before.target);
+        let pair = [before, partner];
+        let mut prepared = prepare(&parts, &pair, &pair).expect("prepares");
+        let model = stage.dit.model();
+        let timesteps = |prepared: &Prepared| -> Vec<Vec<f32>> {
+            (0..6)
+                .map(|k| {
+                    prepared_loss(&parts, model, prepared, k, 0, 1)
+                        .expect("loss")
+                        .1
+                })
+                .collect()
+        };
+        prepared.paired = vec![false, true];
+        assert!(timesteps(&prepared).iter().all(|t| t[0] == t[1]));
+        prepared.paired = vec![false, false];
+        assert!(timesteps(&prepared).iter().all(|t| t[0] != t[1]));
+
+        let edits_on = two_steps(1.0, 0.0, |c| c.binding_pairs = true);
+        assert_eq!(edits_on, two_steps(1.0, 0.0, |_| {}));
+        let rewrites_on = two_steps(0.0, 1.0, |c| c.binding_pairs = true);
+        let moved = largest_change(&two_steps(0.0, 1.0, |_| {}), &rewrites_on);
         assert!(moved > 1e-4, "weights moved by {moved} at most");
     }
 
