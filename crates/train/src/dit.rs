@@ -716,10 +716,11 @@ fn shard_loss(
 /// `j − 1` (`binding_pairs`, odd `j` only; otherwise sample `j` as drawn).
 fn training_sample(parts: &Parts<'_>, j: usize) -> (Sample, bool) {
     let draw = |j: usize| sample(mix(parts.seed, 0xD1), j as u64, &parts.config.mix);
-    if parts.config.binding_pairs && j % 2 == 1 {
-        if let Some(partner) = rebound(&draw(j - 1), mix(mix(parts.seed, 0xDB), j as u64)) {
-            return (partner, true);
-        }
+    if parts.config.binding_pairs
+        && j % 2 == 1
+        && let Some(partner) = rebound(&draw(j - 1), mix(mix(parts.seed, 0xDB), j as u64))
+    {
+        return (partner, true);
     }
     (draw(j), false)
 }
