@@ -51,7 +51,7 @@ enum Command {
     /// Write a seeded tiny random model directory (noise images; for trying the tools).
     MakeTinyModel(tiny_model::Args),
     /// Train the demo-world model (tokenizer, VAE, ...), resumable (docs/TRAINING.md).
-    Train(train::Args),
+    Train(Box<train::Args>),
 }
 
 /// Errors a command reports before exiting.
@@ -93,7 +93,7 @@ fn main() -> ExitCode {
         Command::Variation(a) => edit::run_variation(a),
         Command::MakeTinyModel(a) => tiny_model::run(a),
         Command::Eval(a) => eval::run(a),
-        Command::Train(a) => train::run(a),
+        Command::Train(a) => train::run(*a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
