@@ -147,11 +147,13 @@ pub struct Args {
     /// the statistics (`latents_mean`, `latents_std`) and the pipeline undoes them.
     #[arg(long)]
     pub dit_normalize_latents: bool,
-    /// Train the DiT on binding pairs: each text-to-image sample of two or more colours is
-    /// followed in its batch by the same objects with their colours handed on, under the same
-    /// noise and timestep, so the two differ only in which object has which colour
-    #[arg(long)]
-    pub dit_binding_pairs: bool,
+    /// Train the DiT on binding pairs (the recipe's since r38): each text-to-image sample of
+    /// two or more colours is followed in its batch by the same objects with their colours
+    /// handed on, under the same noise and timestep, so the two differ only in which object
+    /// has which colour: `--dit-binding-pairs` or `--dit-binding-pairs true` turns them on,
+    /// `--dit-binding-pairs false` off (every sample drawn on its own)
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "true|false")]
+    pub dit_binding_pairs: Option<bool>,
     /// Start the DiT from a finished DiT's weights (another run's
     /// `dit/transformer.safetensors`, same transformer config) and fine-tune them under this
     /// run's schedule, batch and seed (e.g. a continuation at a bigger batch on a GPU)
@@ -497,7 +499,9 @@ pub fn run(args: Args) -> Result<(), CliError> {
         config.dit.weight_changes = true;
     }
     config.dit.normalize_latents |= args.dit_normalize_latents;
-    config.dit.binding_pairs |= args.dit_binding_pairs;
+    if let Some(on) = args.dit_binding_pairs {
+        config.dit.binding_pairs = on;
+    }
     if let Some(path) = &args.dit_init {
         if !path.is_file() {
             return Err(CliError::Usage(format!(
