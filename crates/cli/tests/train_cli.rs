@@ -388,6 +388,7 @@ fn bad_flags_are_one_line_and_exit_2() {
         vec!["train", "--out", o, "--dit-reuse", "0"],
         vec!["train", "--out", o, "--dit-reuse", "17"],
         vec!["train", "--out", o, "--dit-abs-pos", "maybe"],
+        vec!["train", "--out", o, "--dit-binding-pairs", "maybe"],
         vec!["train", "--out", o, "--vae-downscale", "3"],
         vec!["train", "--out", o, "--vae-latent-channels", "0"],
         vec!["train", "--out", o, "--dit-patch-size", "3"],
