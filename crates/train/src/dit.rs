@@ -1508,25 +1508,23 @@ mod timing {
     fn recoloured(s: &Sample) -> Sample {
         use unifusion_world::{Color, Scene};
         let objects = s.target.objects();
-        let n = objects.len();
         let next = |c: Color| {
             let i = Color::ALL.iter().position(|&x| x == c).expect("listed");
             Color::ALL[(i + 1) % Color::ALL.len()]
         };
-        let same = objects.iter().all(|o| o.color == objects[0].color);
-        let new: Vec<_> = (0..n)
-            .map(|i| {
-                let mut o = objects[i];
-                o.color = if same {
-                    next(o.color)
-                } else {
-                    objects[(i + 1) % n].color
-                };
-                o
-            })
-            .collect();
+        // Several colours: handed on one object along, as a binding partner's are.
+        let target = crate::data::colours_handed_on(&s.target, 1).unwrap_or_else(|| {
+            let new = objects
+                .iter()
+                .map(|&o| unifusion_world::Object {
+                    color: next(o.color),
+                    ..o
+                })
+                .collect();
+            Scene::new(s.target.background(), new).expect("a scene")
+        });
         Sample {
-            target: Scene::new(s.target.background(), new).expect("a scene"),
+            target,
             ..s.clone()
         }
     }
