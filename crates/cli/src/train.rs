@@ -154,6 +154,13 @@ pub struct Args {
     /// `--dit-binding-pairs false` off (every sample drawn on its own)
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "true|false")]
     pub dit_binding_pairs: Option<bool>,
+    /// Train the DiT on count pairs: each text-to-image sample of two or more objects is
+    /// followed by the same scene less one object, under the same noise and timestep, so the
+    /// DiT learns to leave cells its description does not name empty. With binding pairs
+    /// also on, each pair is one kind or the other. `--dit-count-pairs` or `true` on, `false`
+    /// off (the recipe's)
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "true|false")]
+    pub dit_count_pairs: Option<bool>,
     /// Start the DiT from a finished DiT's weights (another run's
     /// `dit/transformer.safetensors`, same transformer config) and fine-tune them under this
     /// run's schedule, batch and seed (e.g. a continuation at a bigger batch on a GPU)
@@ -501,6 +508,9 @@ pub fn run(args: Args) -> Result<(), CliError> {
     config.dit.normalize_latents |= args.dit_normalize_latents;
     if let Some(on) = args.dit_binding_pairs {
         config.dit.binding_pairs = on;
+    }
+    if let Some(on) = args.dit_count_pairs {
+        config.dit.count_pairs = on;
     }
     if let Some(path) = &args.dit_init {
         if !path.is_file() {

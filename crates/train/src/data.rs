@@ -285,15 +285,37 @@ pub fn rebound(sample: &Sample, seed: u64) -> Option<Sample> {
         if held.touches(&target) {
             return None;
         }
-        let p = phrase(&target, seed);
-        Some(Sample {
-            task: TextTask::Rewrite,
-            inputs: Vec::new(),
-            order: p.mentions.iter().map(|m| m.object).collect(),
-            prompt: p.text,
-            target,
-        })
+        Some(rewrite_of(target, seed))
     })
+}
+
+/// The count partner of a text-to-image sample of two or more objects: the same scene with
+/// one object (chosen by `seed`) left out, phrased afresh with `seed`. The two differ only by
+/// that object, so under the same noise the DiT learns to leave undescribed cells empty, the
+/// over-drawing every run's grid shows. `None` for another task or a single object.
+pub fn one_fewer(sample: &Sample, seed: u64) -> Option<Sample> {
+    if sample.task != TextTask::Rewrite {
+        return None;
+    }
+    let mut objects = sample.target.objects().to_vec();
+    if objects.len() < 2 {
+        return None;
+    }
+    objects.remove((mix(seed, 0x0F) % objects.len() as u64) as usize);
+    let target = Scene::new(sample.target.background(), objects).ok()?;
+    Some(rewrite_of(target, seed))
+}
+
+/// A text-to-image sample of `target` in a fresh phrasing (`seed`).
+fn rewrite_of(target: Scene, seed: u64) -> Sample {
+    let p = phrase(&target, seed);
+    Sample {
+        task: TextTask::Rewrite,
+        inputs: Vec::new(),
+        order: p.mentions.iter().map(|m| m.object).collect(),
+        prompt: p.text,
+        target,
+    }
 }
 
 /// `scene` with each object in the colour of the object `k` after it in reading order (shapes,
@@ -399,6 +421,39 @@ mod tests {
         );
         assert!(partners > 600, "{partners} partners of {samples} samples");
         assert!(none_multi < partners / 4, "{none_multi} refused");
+    }
+
+    #[test]
+    fn a_count_partner_leaves_exactly_one_object_out() {
+        let mix_of = TaskMix {
+            caption: 1.0,
+            rewrite: 2.0,
+            edit: 1.0,
+            transfer: 0.25,
+        };
+        let held = held_out();
+        let mut partners = 0;
+        for i in 0..2000 {
+            let s = sample(5, i, &mix_of);
+            let Some(p) = one_fewer(&s, mix(5, i)) else {
+                assert!(s.task != TextTask::Rewrite || s.target.objects().len() < 2);
+                continue;
+            };
+            partners += 1;
+            assert_eq!(s.task, TextTask::Rewrite);
+            assert_eq!(p.task, TextTask::Rewrite);
+            assert!(!held.touches(&p.target));
+            assert_eq!(p.target.background(), s.target.background());
+            let (before, after) = (s.target.objects(), p.target.objects());
+            assert_eq!(after.len() + 1, before.len());
+            assert!(after.iter().all(|o| before.contains(o)));
+            let (background, mut read) =
+                unifusion_world::read_description(&p.answer()).expect("canonical");
+            read.sort_by_key(|o| o.cell);
+            assert_eq!(background, p.target.background());
+            assert_eq!(read, after);
+        }
+        assert!(partners > 300, "{partners} partners of 2000 samples");
     }
 
     #[test]

@@ -38,7 +38,7 @@ use unifusion_model::vlm::{GenerateOptions, InternVl, InternVlConfig};
 use unifusion_world::{RenderConfig, render};
 
 use crate::data::{
-    Sample, TaskMix, TextTask, changed_squares, foreground_squares, mix, rebound, sample,
+    Sample, TaskMix, TextTask, changed_squares, foreground_squares, mix, one_fewer, rebound, sample,
 };
 use crate::named::{Init, NamedParams, NamedTensors, Recorder, read_safetensors};
 use crate::tokenizer::IM_END;
@@ -133,6 +133,12 @@ pub struct DitStageConfig {
     /// slowest. Off: every sample drawn on its own, as before.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub binding_pairs: bool,
+    /// Count pairs: as binding pairs, with the partner the same scene less one object
+    /// ([`one_fewer`]), so the pair's losses differ only by an object the partner's
+    /// description leaves out. With binding pairs on too, each pair is one kind or the other
+    /// by a toss (the other kind when the tossed one has no partner).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub count_pairs: bool,
 }
 
 /// The batch that step `k` trains on when every batch serves `reuse` steps: in each window
@@ -318,6 +324,7 @@ impl DitStageConfig {
             // Held out above r32 on both prompt sets (0.338 and 0.357 against 0.333 and
             // 0.317), attribute most (docs/TRAINING.md "Binding pairs").
             binding_pairs: true,
+            count_pairs: false,
         }
     }
 
@@ -355,6 +362,7 @@ impl DitStageConfig {
             init_from: None,
             reuse: 1,
             binding_pairs: false,
+            count_pairs: false,
         }
     }
 }
@@ -714,15 +722,34 @@ fn shard_loss(
     Ok(prepared_loss(parts, model, &prepared, k, shard, shards)?.0)
 }
 
-/// Training sample `j` of the stage's stream, and whether it is the binding partner of sample
-/// `j − 1` (`binding_pairs`, odd `j` only; otherwise sample `j` as drawn).
+/// Training sample `j` of the stage's stream, and whether it is the partner of sample `j − 1`
+/// (`binding_pairs`, `count_pairs`, odd `j` only; otherwise sample `j` as drawn).
 fn training_sample(parts: &Parts<'_>, j: usize) -> (Sample, bool) {
     let draw = |j: usize| sample(mix(parts.seed, 0xD1), j as u64, &parts.config.mix);
-    if parts.config.binding_pairs
-        && j % 2 == 1
-        && let Some(partner) = rebound(&draw(j - 1), mix(mix(parts.seed, 0xDB), j as u64))
-    {
-        return (partner, true);
+    let config = parts.config;
+    if j % 2 == 1 && (config.binding_pairs || config.count_pairs) {
+        let before = draw(j - 1);
+        let seed = mix(mix(parts.seed, 0xDB), j as u64);
+        let colours = || {
+            config
+                .binding_pairs
+                .then(|| rebound(&before, seed))
+                .flatten()
+        };
+        let count = || {
+            config
+                .count_pairs
+                .then(|| one_fewer(&before, seed))
+                .flatten()
+        };
+        let partner = if mix(seed, 0xC0).is_multiple_of(2) {
+            colours().or_else(count)
+        } else {
+            count().or_else(colours)
+        };
+        if let Some(partner) = partner {
+            return (partner, true);
+        }
     }
     (draw(j), false)
 }
@@ -1290,6 +1317,67 @@ mod tests {
         assert!(moved > 1e-4, "weights moved by {moved} at most");
     }
 
+    /// Count pairs: a partner is its predecessor less one object; with binding pairs on too,
+    /// both kinds of partner occur; edits never pair.
+    #[test]
+    fn count_pairs_leave_one_object_out_and_mix_with_binding_pairs() {
+        let rewrites = TaskMix {
+            caption: 0.0,
+            rewrite: 1.0,
+            edit: 0.0,
+            transfer: 0.0,
+        };
+        let count_only = tiny_stage(|c| {
+            c.count_pairs = true;
+            c.mix = rewrites;
+        });
+        let parts = count_only.parts();
+        let mut partners = 0;
+        for j in (1..80).step_by(2) {
+            let (before, _) = training_sample(&parts, j - 1);
+            let (s, paired) = training_sample(&parts, j);
+            let seed = mix(mix(parts.seed, 0xDB), j as u64);
+            assert_eq!(paired, before.target.objects().len() >= 2, "sample {j}");
+            if paired {
+                partners += 1;
+                assert_eq!(s.target, one_fewer(&before, seed).expect("pairs").target);
+            }
+        }
+        assert!(partners > 5, "{partners} partners of 40");
+
+        let both = tiny_stage(|c| {
+            c.count_pairs = true;
+            c.binding_pairs = true;
+            c.mix = rewrites;
+        });
+        let parts = both.parts();
+        let (mut fewer, mut recoloured) = (0, 0);
+        for j in (1..200).step_by(2) {
+            let (before, _) = training_sample(&parts, j - 1);
+            let (s, paired) = training_sample(&parts, j);
+            if !paired {
+                continue;
+            }
+            let (n, m) = (before.target.objects().len(), s.target.objects().len());
+            assert!(m == n || m + 1 == n, "sample {j}: {n} objects, partner {m}");
+            if m < n {
+                fewer += 1;
+            } else {
+                recoloured += 1;
+            }
+        }
+        // `cargo test -p unifusion-train --lib count_pairs -- --nocapture`: the split
+        // docs/TRAINING.md "Count pairs" quotes.
+        println!("of 100 text-to-image pairs: {fewer} count, {recoloured} colour partners");
+        assert!(
+            fewer > 10 && recoloured > 10,
+            "{fewer} count, {recoloured} colour partners"
+        );
+
+        let edits_on = two_steps(1.0, 0.0, |c| c.count_pairs = true);
+        assert_eq!(edits_on, two_steps(1.0, 0.0, |_| {}));
+    }
+
     #[test]
     fn absolute_positions_change_text_to_image_training() {
         let rope_only = two_steps(0.0, 1.0, |_| {});
@@ -1534,9 +1622,11 @@ mod timing {
     /// puts each object, and in which colour? Text-to-image samples of the recipe's stream
     /// (fresh indices), each scored under the training loss with the same noise and timestep
     /// given (a) its own description, (b) the objects moved to each other's cells, (c) the
-    /// objects in each other's colours, (d) the null condition; mean loss per band of `t`.
-    /// The user's prompt is the drawn sample's in (b) and (c): only the rewrite changes. The
-    /// DiT's settings are the run's (`dit/stage.json`), its weights `dit/transformer.safetensors`.
+    /// objects in each other's colours, (d) the null condition, and for samples of two or
+    /// more objects (e) one object left out of the description (as a count partner's), beside
+    /// (a) on those samples; mean loss per band of `t`. The user's prompt is the drawn
+    /// sample's in (b), (c) and (e): only the rewrite changes. The DiT's settings are the
+    /// run's (`dit/stage.json`), its weights `dit/transformer.safetensors`.
     #[test]
     #[ignore]
     fn condition_use() {
@@ -1571,17 +1661,24 @@ mod timing {
         let model = stage.dit.model();
         let bands = [0.0, 0.33, 0.67, 1.01];
         // [variant][band] → (sum, count)
-        let mut sums = [[(0.0f64, 0usize); 3]; 4];
+        let mut sums = [[(0.0f64, 0usize); 3]; 6];
         let samples_n = 192;
         for i in 0..samples_n {
             let drawn = sample(mix(0, 0xD1), 1_000_000 + i as u64, &config.mix);
-            let variants = [
-                drawn.clone(),
-                moved(&drawn),
-                recoloured(&drawn),
-                drawn.clone(),
+            let left_out = one_fewer(&drawn, mix(0x1E, i as u64)).map(|p| Sample {
+                target: p.target,
+                ..drawn.clone()
+            });
+            let mut variants = vec![
+                (0, drawn.clone()),
+                (1, moved(&drawn)),
+                (2, recoloured(&drawn)),
+                (3, drawn.clone()),
             ];
-            for (v, told) in variants.iter().enumerate() {
+            let several = left_out.is_some();
+            variants.extend(left_out.map(|told| (5, told)));
+            for (v, told) in &variants {
+                let v = *v;
                 let parts = if v == 3 { &null } else { &plain };
                 let (loss, t) = samples_loss(
                     parts,
@@ -1595,8 +1692,15 @@ mod timing {
                 .expect("loss");
                 let band = bands.windows(2).position(|w| t[0] >= w[0] && t[0] < w[1]);
                 let band = band.expect("t in [0, 1]");
-                sums[v][band].0 += f64::from(crate::trainer::scalar(&loss).expect("finite"));
-                sums[v][band].1 += 1;
+                let loss = f64::from(crate::trainer::scalar(&loss).expect("finite"));
+                // Row 4: the own description's loss on the samples that have row 5.
+                for row in [Some(v), (v == 0 && several).then_some(4)]
+                    .into_iter()
+                    .flatten()
+                {
+                    sums[row][band].0 += loss;
+                    sums[row][band].1 += 1;
+                }
             }
         }
         let names = [
@@ -1604,6 +1708,8 @@ mod timing {
             "objects moved",
             "colours swapped",
             "null condition",
+            "own, 2+ objects",
+            "one left out",
         ];
         println!("{samples_n} text-to-image samples; mean loss by t band (count)");
         for (name, row) in names.iter().zip(&sums) {
