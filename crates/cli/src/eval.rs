@@ -63,6 +63,10 @@ pub struct Args {
     /// Classifier-free guidance weight (default: the model's own, else the pipeline's).
     #[arg(long)]
     guidance: Option<f32>,
+    /// Guide only the steps starting at a noise level σ in (LOW, HIGH] (default: the
+    /// model's own, else every step).
+    #[arg(long, value_name = "LOW,HIGH", value_parser = crate::generate::guidance_interval)]
+    guidance_interval: Option<[f32; 2]>,
     /// Seed of the held-out set (which scenes and phrasings).
     #[arg(long, default_value_t = 0)]
     set_seed: u64,
@@ -398,6 +402,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
         height: size,
         steps: args.steps.unwrap_or(base.steps),
         guidance: args.guidance.unwrap_or(base.guidance),
+        guidance_interval: args.guidance_interval.unwrap_or(base.guidance_interval),
         verifi: !args.no_verifi,
         conditioning: match args.pooling {
             crate::generate::Pooling::Lap => Conditioning::Lap,
@@ -405,7 +410,11 @@ pub fn run(args: Args) -> Result<(), CliError> {
         },
         ..base
     };
-    let (steps, guidance) = (settings.steps, settings.guidance);
+    let (steps, guidance, interval) = (
+        settings.steps,
+        settings.guidance,
+        settings.guidance_interval,
+    );
     model
         .validate_settings(&settings)
         .map_err(|e| CliError::Usage(e.to_string()))?;
@@ -544,12 +553,14 @@ pub fn run(args: Args) -> Result<(), CliError> {
     }
     let report = serde_json::Value::Object(report);
     println!(
-        "# unifusion eval: {} (seeds {seeds}, {}×{} px, {} steps, guidance {})",
+        "# unifusion eval: {} (seeds {seeds}, {}×{} px, {} steps, guidance {} at σ in ({}, {}])",
         args.model.display(),
         size,
         size,
         steps,
-        guidance
+        guidance,
+        interval[0],
+        interval[1]
     );
     print_t2i("Text-to-image", &report["t2i"]);
     if let Some(r) = report["t2i"].get("rewrite") {

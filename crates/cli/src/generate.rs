@@ -35,6 +35,17 @@ pub enum Pooling {
     LastLayer,
 }
 
+/// `--guidance-interval LOW,HIGH`: two noise levels with 0 ≤ LOW < HIGH.
+pub fn guidance_interval(text: &str) -> Result<[f32; 2], String> {
+    let parts: Vec<_> = text.split(',').map(|p| p.trim().parse::<f32>()).collect();
+    match parts[..] {
+        [Ok(low), Ok(high)] if (0.0..high).contains(&low) && high.is_finite() => Ok([low, high]),
+        _ => Err(format!(
+            "`{text}`: want LOW,HIGH, two noise levels with 0 ≤ LOW < HIGH (e.g. 0.2,0.85)"
+        )),
+    }
+}
+
 /// Flags every generating command takes.
 #[derive(clap::Args, Debug)]
 pub struct SampleArgs {
@@ -48,6 +59,10 @@ pub struct SampleArgs {
     /// Classifier-free guidance weight, 1 = off (default: the model's own, else 4.5).
     #[arg(long)]
     pub guidance: Option<f32>,
+    /// Guide only the steps starting at a noise level σ in (LOW, HIGH] (default: the
+    /// model's own, else 0,1: every step); the others take one forward, unguided.
+    #[arg(long, value_name = "LOW,HIGH", value_parser = guidance_interval)]
+    pub guidance_interval: Option<[f32; 2]>,
     /// Seed of the initial noise.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -176,6 +191,7 @@ impl SampleArgs {
             height: self.height.unwrap_or(base.height),
             steps: self.steps.unwrap_or(base.steps),
             guidance: self.guidance.unwrap_or(base.guidance),
+            guidance_interval: self.guidance_interval.unwrap_or(base.guidance_interval),
             seed: self.seed,
             verifi: !self.no_verifi,
             conditioning: match (self.pooling, self.drop_layers.is_empty()) {
@@ -281,6 +297,10 @@ pub fn run_task(
         ("unifusion:seed", settings.seed.to_string()),
         ("unifusion:steps", settings.steps.to_string()),
         ("unifusion:guidance", settings.guidance.to_string()),
+        (
+            "unifusion:guidance_interval",
+            format!("{:?}", settings.guidance_interval),
+        ),
         (
             "unifusion:size",
             format!("{}x{}", settings.width, settings.height),

@@ -81,6 +81,8 @@ fn tiny_model_generates_edits_and_varies_with_metadata() {
         "40",
         "--height",
         "24",
+        "--guidance-interval",
+        "0.2,0.85",
     ];
     args.extend(["--out", generated.to_str().expect("test value")]);
     args.extend(common);
@@ -91,6 +93,7 @@ fn tiny_model_generates_edits_and_varies_with_metadata() {
     assert_eq!(get(&text, "unifusion:prompt"), "a red cube");
     assert_eq!(get(&text, "unifusion:seed"), "5");
     assert_eq!(get(&text, "unifusion:steps"), "2");
+    assert_eq!(get(&text, "unifusion:guidance_interval"), "[0.2, 0.85]");
     assert_eq!(get(&text, "unifusion:task"), "text-to-image");
     assert!(get(&text, "unifusion:rewritten_ids").starts_with('['));
     let _ = get(&text, "unifusion:rewritten_prompt");
@@ -204,6 +207,18 @@ fn bad_generate_input_is_one_line_and_exit_2() {
         (
             vec!["edit", "--model", m, "--prompt", "x", "--image", t],
             "not an image",
+        ),
+        (
+            vec![
+                "generate",
+                "--model",
+                m,
+                "--prompt",
+                "x",
+                "--guidance-interval",
+                "0.8,0.2",
+            ],
+            "0 ≤ LOW < HIGH",
         ),
         (vec!["variation", "--model", m], "--image"),
         (vec!["make-tiny-model", "--out", m], "not empty"),

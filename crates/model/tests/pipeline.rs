@@ -946,3 +946,69 @@ fn watched_run_syncs_steps_previews_and_equals_run() {
         );
     }
 }
+
+/// `Settings::guidance_interval`: a step is guided only when its starting σ lies in
+/// `(low, high]`. An interval no step starts in samples exactly as guidance 1; one holding
+/// only the first step differs from both; bad intervals are refused; a model's
+/// `config.json` defaults carry it (absent: every step).
+#[test]
+fn the_guidance_interval_guides_only_the_steps_inside_it() {
+    let device = Device::flex();
+    let p = pipeline(&device, config(), false);
+    // Three steps at μ = 1 start at σ = 1, 0.845 and 0.576.
+    let image = |s: &Settings| {
+        run(&p, Task::TextToImage, "a red circle", &[], s)
+            .expect("runs")
+            .image
+            .pixels
+    };
+    let every = image(&settings());
+    let unguided = image(&Settings {
+        guidance: 1.0,
+        ..settings()
+    });
+    let none_inside = image(&Settings {
+        guidance_interval: [0.0, 0.5],
+        ..settings()
+    });
+    let first_only = image(&Settings {
+        guidance_interval: [0.9, 1.0],
+        ..settings()
+    });
+    assert_ne!(every, unguided, "guidance changes the image");
+    assert_eq!(none_inside, unguided, "no step guided = guidance 1");
+    assert_ne!(first_only, unguided);
+    assert_ne!(first_only, every);
+    assert_eq!(
+        image(&Settings {
+            guidance_interval: [0.0, 1.0],
+            ..settings()
+        }),
+        every
+    );
+    for bad in [
+        [0.5, 0.5],
+        [-0.1, 1.0],
+        [0.0, f32::NAN],
+        [0.2, f32::INFINITY],
+    ] {
+        let s = Settings {
+            guidance_interval: bad,
+            ..settings()
+        };
+        let err = run(&p, Task::TextToImage, "a red circle", &[], &s).expect_err("refused");
+        assert!(matches!(err, PipelineError::Input(_)), "{bad:?}: {err}");
+    }
+
+    let with = |interval: &str| -> PipelineConfig {
+        serde_json::from_str(&format!(
+            r#"{{"defaults": {{"width": 64, "height": 64, "steps": 20, "guidance": 3.0{interval}}}}}"#
+        ))
+        .expect("parses")
+    };
+    let own = with(r#", "guidance_interval": [0.2, 0.85]"#).default_settings();
+    assert_eq!(own.guidance_interval, [0.2, 0.85]);
+    let older = with("").default_settings();
+    assert_eq!(older.guidance_interval, [0.0, 1.0]);
+    assert_eq!(older.guidance, 3.0);
+}

@@ -157,6 +157,7 @@ impl RecipeConfig {
                     height: self.vae.image_size as usize,
                     steps: 20,
                     guidance: 3.0,
+                    guidance_interval: None,
                 }),
                 ..PipelineConfig::default()
             },

@@ -165,7 +165,9 @@ impl TaskRequest {
         })
     }
 
-    fn settings(&self) -> Settings {
+    /// The request's settings over `base` (the model's own defaults: what the page does not
+    /// send, such as the guidance interval, comes from the model).
+    fn settings(&self, base: Settings) -> Settings {
         Settings {
             width: self.width,
             height: self.height,
@@ -173,7 +175,7 @@ impl TaskRequest {
             guidance: self.guidance,
             seed: self.seed,
             verifi: self.verifi.unwrap_or(true),
-            ..Settings::default()
+            ..base
         }
     }
 }
@@ -261,7 +263,7 @@ pub async fn run_task(
         .with(|m| m.borrow().clone())
         .ok_or_else(|| error("no model is loaded: call loadModel first"))?;
     let LoadedModel { model, tokenizer } = &*loaded;
-    let settings = request.settings();
+    let settings = request.settings(model.config.default_settings());
     let watch = Watch {
         // WebGPU only queues work: wait for each step so progress and cancel are real.
         sync_steps: true,

@@ -63,6 +63,10 @@ pub struct SampleDefaults {
     pub steps: usize,
     /// CFG weight.
     pub guidance: f32,
+    /// The noise levels whose steps are guided ([`Settings::guidance_interval`]); absent:
+    /// every step, as every model before this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance_interval: Option<[f32; 2]>,
 }
 
 impl Default for PipelineConfig {
@@ -90,6 +94,7 @@ impl PipelineConfig {
                 height: d.height,
                 steps: d.steps,
                 guidance: d.guidance,
+                guidance_interval: d.guidance_interval.unwrap_or(base.guidance_interval),
                 ..base
             },
             None => base,

@@ -79,6 +79,9 @@ impl Request<'_> {
     }
 }
 
+/// A [`Settings::guidance_interval`] that guides every step.
+pub const EVERY_STEP: [f32; 2] = [0.0, 1.0];
+
 /// Sampling and conditioning settings.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
@@ -90,6 +93,11 @@ pub struct Settings {
     pub steps: usize,
     /// CFG weight `w` (`v = v_null + w·(v − v_null)`; 1 = no guidance, one forward a step).
     pub guidance: f32,
+    /// The noise levels `(low, high]` whose steps are guided: a step starting at `σ` in the
+    /// interval takes two forwards and the CFG mix, any other step one forward, unguided
+    /// (guidance in a limited interval, Kynkäänniemi et al. 2024). `[0, 1]`, the default,
+    /// guides every step.
+    pub guidance_interval: [f32; 2],
     /// Seed of the initial noise.
     pub seed: u64,
     /// The schedule's μ rule.
@@ -108,6 +116,7 @@ impl Default for Settings {
             height: 1024,
             steps: 28,
             guidance: 4.5,
+            guidance_interval: EVERY_STEP,
             seed: 0,
             shift: Shift::KREA2,
             verifi: true,
@@ -210,6 +219,12 @@ impl UniFusion {
             return Err(PipelineError::Input(
                 "guidance must be a finite number".into(),
             ));
+        }
+        let [low, high] = s.guidance_interval;
+        if !(0.0..high).contains(&low) || !high.is_finite() {
+            return Err(PipelineError::Input(format!(
+                "guidance interval ({low}, {high}]: need 0 ≤ low < high, both finite"
+            )));
         }
         Ok(())
     }
@@ -432,6 +447,14 @@ impl Sampling<'_> {
             .clone()
     }
 
+    /// Whether step `i` mixes in the null condition: guidance on and the step's starting
+    /// noise level within the settings' interval.
+    fn guided(&self, i: usize) -> bool {
+        let [low, high] = self.settings.guidance_interval;
+        let sigma = self.scheduler.sigmas()[i];
+        self.settings.guidance != 1.0 && sigma > low && sigma <= high
+    }
+
     /// Step `i` (CFG, Euler): advances `x`; returns the progress and the predicted clean
     /// latents `x − σ·v` (patchified) for a preview.
     fn step(&mut self, i: usize) -> Result<(Progress, Tensor<3>), PipelineError> {
@@ -444,7 +467,7 @@ impl Sampling<'_> {
         let t = &self.model.transformer;
         let v = t.forward_with_text(self.x.clone(), cond, timestep.clone(), &rope)?;
         let v = match self.null {
-            Some(null) if self.settings.guidance != 1.0 => {
+            Some(null) if self.guided(i) => {
                 let rope = self.rope(null.tokens.dims()[1], 0);
                 let t = &self.model.transformer;
                 let v_null = t.forward_with_text(self.x.clone(), null, timestep, &rope)?;
