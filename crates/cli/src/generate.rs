@@ -15,6 +15,7 @@ use burn::tensor::Device;
 use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressStyle};
 use unifusion_model::load::{UnpackedModel, load_packed, load_unpacked};
+use unifusion_model::pipeline::tasks::guidance_interval_is_valid;
 use unifusion_model::pipeline::{
     Conditioning, Image, PipelineError, Request, Settings, Task, UniFusion,
 };
@@ -39,7 +40,7 @@ pub enum Pooling {
 pub fn guidance_interval(text: &str) -> Result<[f32; 2], String> {
     let parts: Vec<_> = text.split(',').map(|p| p.trim().parse::<f32>()).collect();
     match parts[..] {
-        [Ok(low), Ok(high)] if (0.0..high).contains(&low) && high.is_finite() => Ok([low, high]),
+        [Ok(low), Ok(high)] if guidance_interval_is_valid([low, high]) => Ok([low, high]),
         _ => Err(format!(
             "`{text}`: want LOW,HIGH, two noise levels with 0 ≤ LOW < HIGH (e.g. 0.2,0.85)"
         )),

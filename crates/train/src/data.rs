@@ -370,14 +370,28 @@ pub fn text_corpus(seed: u64, n: u64) -> Vec<String> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_binding_partner_moves_only_the_colours_between_objects() {
-        let mix_of = TaskMix {
+    /// The DiT stage's mix in the recipe (`DitStageConfig::recipe`).
+    fn recipe_mix() -> TaskMix {
+        TaskMix {
             caption: 1.0,
             rewrite: 2.0,
             edit: 1.0,
             transfer: 0.25,
-        };
+        }
+    }
+
+    /// A partner's answer (the DiT's condition) describes its scene, every object once.
+    fn assert_answer_is_its_scene(p: &Sample) {
+        let (background, mut read) =
+            unifusion_world::read_description(&p.answer()).expect("canonical");
+        read.sort_by_key(|o| o.cell);
+        assert_eq!(background, p.target.background());
+        assert_eq!(read, p.target.objects());
+    }
+
+    #[test]
+    fn a_binding_partner_moves_only_the_colours_between_objects() {
+        let mix_of = recipe_mix();
         let held = held_out();
         let (mut partners, mut none_multi) = (0, 0);
         let samples = 4000;
@@ -406,12 +420,7 @@ mod tests {
             for (a, b) in p.target.objects().iter().zip(s.target.objects()) {
                 assert_eq!((a.shape, a.size, a.cell), (b.shape, b.size, b.cell));
             }
-            // Its answer (the DiT's condition) describes the new scene, every object once.
-            let (background, mut read) =
-                unifusion_world::read_description(&p.answer()).expect("canonical");
-            read.sort_by_key(|o| o.cell);
-            assert_eq!(background, p.target.background());
-            assert_eq!(read, p.target.objects());
+            assert_answer_is_its_scene(&p);
             assert_ne!(p.prompt, s.prompt);
         }
         // `cargo test -p unifusion-train --lib a_binding_partner -- --nocapture`: the share
@@ -425,12 +434,7 @@ mod tests {
 
     #[test]
     fn a_count_partner_leaves_exactly_one_object_out() {
-        let mix_of = TaskMix {
-            caption: 1.0,
-            rewrite: 2.0,
-            edit: 1.0,
-            transfer: 0.25,
-        };
+        let mix_of = recipe_mix();
         let held = held_out();
         let mut partners = 0;
         for i in 0..2000 {
@@ -447,11 +451,7 @@ mod tests {
             let (before, after) = (s.target.objects(), p.target.objects());
             assert_eq!(after.len() + 1, before.len());
             assert!(after.iter().all(|o| before.contains(o)));
-            let (background, mut read) =
-                unifusion_world::read_description(&p.answer()).expect("canonical");
-            read.sort_by_key(|o| o.cell);
-            assert_eq!(background, p.target.background());
-            assert_eq!(read, after);
+            assert_answer_is_its_scene(&p);
         }
         assert!(partners > 300, "{partners} partners of 2000 samples");
     }

@@ -82,6 +82,12 @@ impl Request<'_> {
 /// A [`Settings::guidance_interval`] that guides every step.
 pub const EVERY_STEP: [f32; 2] = [0.0, 1.0];
 
+/// Whether `[low, high]` is a usable [`Settings::guidance_interval`]: `0 ≤ low < high`, both
+/// finite (front ends check flags with it before a model loads).
+pub fn guidance_interval_is_valid([low, high]: [f32; 2]) -> bool {
+    (0.0..high).contains(&low) && high.is_finite()
+}
+
 /// Sampling and conditioning settings.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
@@ -220,8 +226,8 @@ impl UniFusion {
                 "guidance must be a finite number".into(),
             ));
         }
-        let [low, high] = s.guidance_interval;
-        if !(0.0..high).contains(&low) || !high.is_finite() {
+        if !guidance_interval_is_valid(s.guidance_interval) {
+            let [low, high] = s.guidance_interval;
             return Err(PipelineError::Input(format!(
                 "guidance interval ({low}, {high}]: need 0 ≤ low < high, both finite"
             )));
