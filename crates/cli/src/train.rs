@@ -113,6 +113,20 @@ pub struct Args {
     /// As `--dit-shards`, for the VAE stage.
     #[arg(long)]
     pub vae_shards: Option<usize>,
+    /// Start the VAE stage from a trained autoencoder (another run's
+    /// `vae/autoencoder.safetensors`, same compression) and train its decoder only, on latents
+    /// noised at a level drawn per image (`--vae-latent-noise`): the encoder, so a DiT trained
+    /// on it, stays valid. Copy the other run's tokenizer, VLM and DiT beside it and run
+    /// `--stages vae` to get a model with the new decoder
+    #[arg(long, value_name = "SAFETENSORS")]
+    pub vae_tune_decoder: Option<PathBuf>,
+    /// The VAE's latent noise: the fixed standard deviation added before decoding (the
+    /// recipe's 0.1), or with `--vae-tune-decoder` the scale of the per-image level
+    #[arg(long)]
+    pub vae_latent_noise: Option<f32>,
+    /// Override the VAE's peak learning rate (tuning runs)
+    #[arg(long)]
+    pub vae_lr: Option<f64>,
     /// As `--dit-shards`, for the VLM stage (its loss is the same; only the float sums differ).
     #[arg(long)]
     pub vlm_shards: Option<usize>,
@@ -161,6 +175,11 @@ pub struct Args {
     /// off (the recipe's)
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "true|false")]
     pub dit_count_pairs: Option<bool>,
+    /// Placement pairs: the partner of a text-to-image sample is its objects moved between
+    /// their cells. With other pair kinds on, each pair is one kind by a toss.
+    /// `--dit-placement-pairs` or `true` on, `false` off (the recipe's)
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "true|false")]
+    pub dit_placement_pairs: Option<bool>,
     /// Start the DiT from a finished DiT's weights (another run's
     /// `dit/transformer.safetensors`, same transformer config) and fine-tune them under this
     /// run's schedule, batch and seed (e.g. a continuation at a bigger batch on a GPU)
@@ -435,6 +454,31 @@ pub fn run(args: Args) -> Result<(), CliError> {
         config.vlm.batch,
         config.vlm.shards,
     )?;
+    if let Some(path) = &args.vae_tune_decoder {
+        if !path.is_file() {
+            return Err(CliError::Usage(format!(
+                "--vae-tune-decoder: no file at {}",
+                path.display()
+            )));
+        }
+        config.vae.tune_decoder_from = Some(path.clone());
+    }
+    if let Some(sigma) = args.vae_latent_noise {
+        if !(sigma.is_finite() && (0.0..=10.0).contains(&sigma)) {
+            return Err(CliError::Usage(
+                "--vae-latent-noise must be a finite number in [0, 10]".into(),
+            ));
+        }
+        config.vae.latent_noise = sigma;
+    }
+    if let Some(lr) = args.vae_lr {
+        if !(lr.is_finite() && lr > 0.0 && lr < 1.0) {
+            return Err(CliError::Usage(
+                "--vae-lr must be a finite number in (0, 1)".into(),
+            ));
+        }
+        config.vae.optim.lr = lr;
+    }
     if let Some(lr) = args.dit_lr {
         if !(lr.is_finite() && lr > 0.0 && lr < 1.0) {
             return Err(CliError::Usage(
@@ -511,6 +555,9 @@ pub fn run(args: Args) -> Result<(), CliError> {
     }
     if let Some(on) = args.dit_count_pairs {
         config.dit.count_pairs = on;
+    }
+    if let Some(on) = args.dit_placement_pairs {
+        config.dit.placement_pairs = on;
     }
     if let Some(path) = &args.dit_init {
         if !path.is_file() {

@@ -187,7 +187,7 @@ fn normalized_latents_reach_the_model_config_and_generate_reads_it() {
 /// `--dit-size`: the tiny recipe trains a DiT of the given heads, blocks and MLP width, its
 /// stage and the model directory's transformer config record them, and `generate` loads it;
 /// `--dit-reuse`, a bare `--dit-abs-pos` (the tiny recipe has no absolute positions) and
-/// `--dit-binding-pairs` and `--dit-count-pairs true` reach the stage's settings beside them.
+/// `--dit-binding-pairs`, `--dit-count-pairs true` and `--dit-placement-pairs` reach the stage's settings beside them.
 #[test]
 fn the_dit_size_reaches_the_stage_and_the_model() {
     let out = scratch("size");
@@ -205,12 +205,14 @@ fn the_dit_size_reaches_the_stage_and_the_model() {
         "--dit-binding-pairs",
         "--dit-count-pairs",
         "true",
+        "--dit-placement-pairs",
         "--quiet",
     ]);
     let read = |file: &str| json(&out.join(file));
     assert_eq!(read("dit/stage.json")["dit"]["reuse"], 2);
     assert_eq!(read("dit/stage.json")["dit"]["binding_pairs"], true);
     assert_eq!(read("dit/stage.json")["dit"]["count_pairs"], true);
+    assert_eq!(read("dit/stage.json")["dit"]["placement_pairs"], true);
     let stage = &read("dit/stage.json")["dit"]["transformer"];
     let model = &read("model/config.json")["transformer"];
     for t in [stage, model] {
@@ -393,6 +395,16 @@ fn bad_flags_are_one_line_and_exit_2() {
         vec!["train", "--out", o, "--dit-abs-pos", "maybe"],
         vec!["train", "--out", o, "--dit-binding-pairs", "maybe"],
         vec!["train", "--out", o, "--dit-count-pairs", "2"],
+        vec!["train", "--out", o, "--dit-placement-pairs", "no"],
+        vec!["train", "--out", o, "--vae-latent-noise", "-1"],
+        vec!["train", "--out", o, "--vae-lr", "0"],
+        vec![
+            "train",
+            "--out",
+            o,
+            "--vae-tune-decoder",
+            "/nonexistent/autoencoder.safetensors",
+        ],
         vec!["train", "--out", o, "--vae-downscale", "3"],
         vec!["train", "--out", o, "--vae-latent-channels", "0"],
         vec!["train", "--out", o, "--dit-patch-size", "3"],

@@ -275,13 +275,34 @@ pub fn sample(seed: u64, index: u64, mix_of: &TaskMix) -> Sample {
 /// one thing the DiT learns slowest (the condition probe, docs/TRAINING.md). `None` for
 /// another task, a single object, one colour for all, or no allowed rotation.
 pub fn rebound(sample: &Sample, seed: u64) -> Option<Sample> {
+    rotated(sample, seed, colours_handed_on)
+}
+
+/// The placement partner of a text-to-image sample: the same objects (shapes, colours, sizes)
+/// and background, each moved to the cell of the object `k` along in reading order, for the
+/// first `k` whose scene uses no held-out pair, phrased afresh with `seed`. The two hold the
+/// same objects in the same cells and differ only in which object stands where, so under the
+/// same noise the DiT learns to put each object in its own cell (relation, the judge's
+/// weakest category). `None` for another task, a single object, objects alike in all but
+/// their cells, or no allowed rotation.
+pub fn relocated(sample: &Sample, seed: u64) -> Option<Sample> {
+    rotated(sample, seed, cells_handed_on)
+}
+
+/// A partner of a text-to-image sample made by `hand_on(scene, k)` for the first `k` in
+/// `1..n` whose scene differs and uses no held-out pair, phrased afresh with `seed`.
+fn rotated(
+    sample: &Sample,
+    seed: u64,
+    hand_on: fn(&Scene, usize) -> Option<Scene>,
+) -> Option<Sample> {
     if sample.task != TextTask::Rewrite {
         return None;
     }
     let n = sample.target.objects().len();
     let held = held_out();
     (1..n).find_map(|k| {
-        let target = colours_handed_on(&sample.target, k)?;
+        let target = hand_on(&sample.target, k)?;
         if held.touches(&target) {
             return None;
         }
@@ -321,18 +342,35 @@ fn rewrite_of(target: Scene, seed: u64) -> Sample {
 /// `scene` with each object in the colour of the object `k` after it in reading order (shapes,
 /// sizes, cells and background kept); `None` when that changes nothing (one colour for all).
 pub fn colours_handed_on(scene: &Scene, k: usize) -> Option<Scene> {
+    handed_on(scene, k, |object, from| unifusion_world::Object {
+        color: from.color,
+        ..object
+    })
+}
+
+/// `scene` with each object moved to the cell of the object `k` after it in reading order
+/// (shapes, colours, sizes and background kept); `None` when that changes nothing.
+pub fn cells_handed_on(scene: &Scene, k: usize) -> Option<Scene> {
+    handed_on(scene, k, |object, from| unifusion_world::Object {
+        cell: from.cell,
+        ..object
+    })
+}
+
+/// `scene` with object `i` replaced by `take(object i, object i + k)` (indices in reading
+/// order, modulo the count); `None` when the scene comes out the same.
+fn handed_on(
+    scene: &Scene,
+    k: usize,
+    take: impl Fn(unifusion_world::Object, &unifusion_world::Object) -> unifusion_world::Object,
+) -> Option<Scene> {
     let objects = scene.objects();
     let n = objects.len();
     let new: Vec<_> = (0..n)
-        .map(|i| unifusion_world::Object {
-            color: objects[(i + k) % n].color,
-            ..objects[i]
-        })
+        .map(|i| take(objects[i], &objects[(i + k) % n]))
         .collect();
-    if new == objects {
-        return None;
-    }
-    Scene::new(scene.background(), new).ok()
+    let scene_after = Scene::new(scene.background(), new).ok()?;
+    (scene_after != *scene).then_some(scene_after)
 }
 
 /// Every kind of text the model reads or writes, for the tokenizer: `n` samples of each task
@@ -430,6 +468,44 @@ mod tests {
         );
         assert!(partners > 600, "{partners} partners of {samples} samples");
         assert!(none_multi < partners / 4, "{none_multi} refused");
+    }
+
+    #[test]
+    fn a_placement_partner_moves_the_objects_between_their_cells() {
+        let mix_of = recipe_mix();
+        let held = held_out();
+        let mut partners = 0;
+        let cells = |sc: &Scene| sc.objects().iter().map(|o| o.cell).collect::<Vec<_>>();
+        let looks = |sc: &Scene| {
+            let mut o: Vec<_> = sc
+                .objects()
+                .iter()
+                .map(|o| (o.shape, o.color, o.size))
+                .collect();
+            o.sort();
+            o
+        };
+        for i in 0..2000 {
+            let s = sample(5, i, &mix_of);
+            let Some(p) = relocated(&s, mix(5, i)) else {
+                continue;
+            };
+            partners += 1;
+            assert_eq!(s.task, TextTask::Rewrite);
+            assert_eq!(p.task, TextTask::Rewrite);
+            assert_ne!(p.target, s.target);
+            assert!(!held.touches(&p.target));
+            assert_eq!(p.target.background(), s.target.background());
+            assert_eq!(cells(&p.target), cells(&s.target));
+            assert_eq!(looks(&p.target), looks(&s.target));
+            assert_answer_is_its_scene(&p);
+        }
+        assert!(partners > 300, "{partners} partners of 2000 samples");
+        let single = (0..200)
+            .map(|i| sample(5, i, &mix_of))
+            .find(|s| s.task == TextTask::Rewrite && s.target.objects().len() == 1)
+            .expect("a single object in 200 samples");
+        assert!(relocated(&single, 1).is_none());
     }
 
     #[test]

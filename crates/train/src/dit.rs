@@ -38,7 +38,8 @@ use unifusion_model::vlm::{GenerateOptions, InternVl, InternVlConfig};
 use unifusion_world::{RenderConfig, render};
 
 use crate::data::{
-    Sample, TaskMix, TextTask, changed_squares, foreground_squares, mix, one_fewer, rebound, sample,
+    Sample, TaskMix, TextTask, changed_squares, foreground_squares, mix, one_fewer, rebound,
+    relocated, sample,
 };
 use crate::named::{Init, NamedParams, NamedTensors, Recorder, read_safetensors};
 use crate::tokenizer::IM_END;
@@ -139,6 +140,12 @@ pub struct DitStageConfig {
     /// by a toss (the other kind when the tossed one has no partner).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub count_pairs: bool,
+    /// Placement pairs: as binding pairs, with the partner the same objects moved between
+    /// their cells ([`relocated`]), so the pair's losses differ only by which object stands
+    /// where. With other pair kinds on, a toss picks where each pair starts in the order
+    /// colours, count, placement (the next kind on when that one has no partner).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub placement_pairs: bool,
 }
 
 /// The batch that step `k` trains on when every batch serves `reuse` steps: in each window
@@ -325,6 +332,7 @@ impl DitStageConfig {
             // 0.317), attribute most (docs/TRAINING.md "Binding pairs").
             binding_pairs: true,
             count_pairs: false,
+            placement_pairs: false,
         }
     }
 
@@ -363,6 +371,7 @@ impl DitStageConfig {
             reuse: 1,
             binding_pairs: false,
             count_pairs: false,
+            placement_pairs: false,
         }
     }
 }
@@ -723,30 +732,29 @@ fn shard_loss(
 }
 
 /// Training sample `j` of the stage's stream, and whether it is the partner of sample `j − 1`
-/// (`binding_pairs`, `count_pairs`, odd `j` only; otherwise sample `j` as drawn).
+/// (`binding_pairs`, `count_pairs`, `placement_pairs`, odd `j` only; otherwise sample `j` as
+/// drawn).
 fn training_sample(parts: &Parts<'_>, j: usize) -> (Sample, bool) {
     let draw = |j: usize| sample(mix(parts.seed, 0xD1), j as u64, &parts.config.mix);
     let config = parts.config;
-    if j % 2 == 1 && (config.binding_pairs || config.count_pairs) {
+    let kinds: Vec<fn(&Sample, u64) -> Option<Sample>> = [
+        (
+            config.binding_pairs,
+            rebound as fn(&Sample, u64) -> Option<Sample>,
+        ),
+        (config.count_pairs, one_fewer),
+        (config.placement_pairs, relocated),
+    ]
+    .into_iter()
+    .filter_map(|(on, kind)| on.then_some(kind))
+    .collect();
+    if j % 2 == 1 && !kinds.is_empty() {
         let before = draw(j - 1);
         let seed = mix(mix(parts.seed, 0xDB), j as u64);
-        let colours = || {
-            config
-                .binding_pairs
-                .then(|| rebound(&before, seed))
-                .flatten()
-        };
-        let count = || {
-            config
-                .count_pairs
-                .then(|| one_fewer(&before, seed))
-                .flatten()
-        };
-        let partner = if mix(seed, 0xC0).is_multiple_of(2) {
-            colours().or_else(count)
-        } else {
-            count().or_else(colours)
-        };
+        // With colours and count on, an even toss starts at colours, as before placement.
+        let start = (mix(seed, 0xC0) % kinds.len() as u64) as usize;
+        let partner =
+            (0..kinds.len()).find_map(|i| kinds[(start + i) % kinds.len()](&before, seed));
         if let Some(partner) = partner {
             return (partner, true);
         }
@@ -1375,6 +1383,77 @@ mod tests {
         );
 
         let edits_on = two_steps(1.0, 0.0, |c| c.count_pairs = true);
+        assert_eq!(edits_on, two_steps(1.0, 0.0, |_| {}));
+    }
+
+    /// Placement pairs: a partner is its predecessor's objects moved between their cells; with
+    /// all three kinds on, each kind occurs; edits never pair.
+    #[test]
+    fn placement_pairs_move_objects_between_cells_and_mix_with_the_other_kinds() {
+        let rewrites = TaskMix {
+            caption: 0.0,
+            rewrite: 1.0,
+            edit: 0.0,
+            transfer: 0.0,
+        };
+        let alone = tiny_stage(|c| {
+            c.placement_pairs = true;
+            c.mix = rewrites;
+        });
+        let parts = alone.parts();
+        let mut partners = 0;
+        for j in (1..80).step_by(2) {
+            let (before, _) = training_sample(&parts, j - 1);
+            let (s, paired) = training_sample(&parts, j);
+            let seed = mix(mix(parts.seed, 0xDB), j as u64);
+            let expected = relocated(&before, seed);
+            assert_eq!(paired, expected.is_some(), "sample {j}");
+            if let Some(expected) = expected {
+                partners += 1;
+                assert_eq!(s.target, expected.target);
+            }
+        }
+        assert!(partners > 5, "{partners} partners of 40");
+
+        let all = tiny_stage(|c| {
+            c.binding_pairs = true;
+            c.count_pairs = true;
+            c.placement_pairs = true;
+            c.mix = rewrites;
+        });
+        let parts = all.parts();
+        let (mut fewer, mut recoloured, mut moved) = (0, 0, 0);
+        for j in (1..200).step_by(2) {
+            let (before, _) = training_sample(&parts, j - 1);
+            let (s, paired) = training_sample(&parts, j);
+            if !paired {
+                continue;
+            }
+            let (a, b) = (before.target.objects(), s.target.objects());
+            if b.len() < a.len() {
+                fewer += 1;
+            } else if a
+                .iter()
+                .zip(b)
+                .all(|(x, y)| (x.shape, x.size) == (y.shape, y.size))
+            {
+                // Objects alike but for colour look the same moved or recoloured.
+                recoloured += 1;
+            } else {
+                moved += 1;
+            }
+        }
+        // `cargo test -p unifusion-train --lib placement_pairs -- --nocapture`: the split
+        // docs/TRAINING.md "Placement pairs" quotes.
+        println!(
+            "of 100 text-to-image pairs: {fewer} count, {recoloured} colour, {moved} placement partners"
+        );
+        assert!(
+            fewer > 10 && recoloured > 10 && moved > 10,
+            "{fewer} count, {recoloured} colour, {moved} placement partners"
+        );
+
+        let edits_on = two_steps(1.0, 0.0, |c| c.placement_pairs = true);
         assert_eq!(edits_on, two_steps(1.0, 0.0, |_| {}));
     }
 

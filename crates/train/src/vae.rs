@@ -18,7 +18,7 @@ use unifusion_model::generator::tiny_vae::AutoencoderTiny;
 use unifusion_world::score::{micro_average, score_scene};
 
 use crate::data::{foreground_squares, image_values, mix, planar_to_rgb, rgb_to_planar, scene};
-use crate::named::{Init, NamedParams, NamedTensors, Recorder};
+use crate::named::{Init, NamedParams, NamedTensors, Recorder, read_safetensors};
 use crate::trainer::{
     OptimConfig, Stage, Trainable, batch_share, is_one_shard, one_shard, shard_range, shard_seed,
 };
@@ -49,6 +49,14 @@ pub struct VaeStageConfig {
     /// latent noise from streams of their own, so it is part of the settings.
     #[serde(default = "one_shard", skip_serializing_if = "is_one_shard")]
     pub shards: usize,
+    /// Start from a trained autoencoder (another run's `vae/autoencoder.safetensors`, the same
+    /// config) and train its decoder only: the encoder, so the latents a DiT learned on, stay
+    /// bit for bit. Each image's latent noise level is then drawn as `|N(0, latent_noise²)|`
+    /// (the decoder noise augmentation of Zheng et al. 2025, "Diffusion Transformers with
+    /// Representation Autoencoders"), so the decoder learns to turn a DiT's imprecise latents
+    /// into clean shapes, not only the encoder's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tune_decoder_from: Option<std::path::PathBuf>,
 }
 
 impl VaeStageConfig {
@@ -79,6 +87,7 @@ impl VaeStageConfig {
             latent_l2: 1e-3,
             foreground_weight: 4.0,
             shards: 1,
+            tune_decoder_from: None,
         }
     }
 
@@ -149,6 +158,7 @@ impl VaeStageConfig {
             latent_l2: 1e-3,
             foreground_weight: 2.0,
             shards: 1,
+            tune_decoder_from: None,
         }
     }
 
@@ -299,11 +309,24 @@ fn reconstruction_loss(
         .encoder
         .encode(x.clone())
         .map_err(|e| TrainError::Model(e.to_string()))?;
+    let tuning = config.tune_decoder_from.is_some();
+    // Tuning the decoder: no gradient reaches the encoder, so AdamW leaves it as it is.
+    let z = if tuning { z.detach() } else { z };
     let dims = z.dims();
     let n: usize = dims.iter().product();
+    let per_image = n / dims[0].max(1);
     let mut rng = SeededNormal::new(noise_seed);
+    let levels: Vec<f32> = (0..dims[0])
+        .map(|_| {
+            if tuning {
+                (rng.next_f32() * config.latent_noise).abs()
+            } else {
+                config.latent_noise
+            }
+        })
+        .collect();
     let eps: Vec<f32> = (0..n)
-        .map(|_| rng.next_f32() * config.latent_noise)
+        .map(|i| rng.next_f32() * levels[i / per_image])
         .collect();
     let eps = Tensor::<4>::from_data(TensorData::new(eps, dims), device);
     let y = model
@@ -355,7 +378,15 @@ impl VaeStage {
     pub fn new(config: VaeStageConfig, seed: u64, backend: Backend) -> Result<Self, TrainError> {
         let device = backend.autodiff();
         let (model, names) = init_autoencoder(&config.vae, seed, &device)?;
-        let ae = Trainable::new(model, names, config.optim.clone());
+        let mut ae = Trainable::new(model, names, config.optim.clone());
+        if let Some(path) = &config.tune_decoder_from {
+            let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, e))?;
+            read_safetensors(&bytes)
+                .and_then(|tensors| ae.import(&tensors))
+                .map_err(|e| {
+                    TrainError::Checkpoint(format!("{} (--vae-tune-decoder): {e}", path.display()))
+                })?;
+        }
         Ok(Self {
             config,
             seed,
@@ -587,6 +618,64 @@ mod tests {
         assert!(report.psnr_db.is_finite() && report.judge_rendered > 0.99);
         // 4 rendered + 4 decoded tiles in one row of the 16-wide sheet.
         assert_eq!(report.reconstructions.dimensions(), (16 * 34 + 2, 36));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn tuning_the_decoder_keeps_the_encoder_bit_for_bit_and_refuses_a_bad_file() {
+        let dir = std::env::temp_dir().join(format!("unifusion-vae-tune-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut base = VaeStage::new(VaeStageConfig::tiny(), 3, Backend::Flex).expect("builds");
+        run_stage(&mut base, &dir.join("base"), 1000, &mut |_| {}).expect("trains");
+        let trained = base.autoencoder_tensors();
+        let path = dir.join("autoencoder.safetensors");
+        std::fs::write(
+            &path,
+            crate::named::safetensors_bytes(&trained).expect("bytes"),
+        )
+        .expect("writes");
+
+        let config = VaeStageConfig {
+            tune_decoder_from: Some(path),
+            latent_noise: 0.5,
+            ..VaeStageConfig::tiny()
+        };
+        // Another seed: the start is the file's weights, not a fresh initialisation.
+        let mut tuned = VaeStage::new(config.clone(), 4, Backend::Flex).expect("builds");
+        assert_eq!(tuned.autoencoder_tensors(), trained);
+        run_stage(&mut tuned, &dir.join("tuned"), 1000, &mut |_| {}).expect("tunes");
+        let after = tuned.autoencoder_tensors();
+        let (mut encoder, mut decoder_changed) = (0, 0);
+        for ((name, _, a), (other, _, b)) in trained.iter().zip(&after) {
+            assert_eq!(name, other);
+            if name.starts_with("encoder.") {
+                assert_eq!(a, b, "{name} moved");
+                encoder += 1;
+            } else if a != b {
+                decoder_changed += 1;
+            }
+        }
+        assert!(
+            encoder > 0 && decoder_changed > 0,
+            "{encoder} {decoder_changed}"
+        );
+
+        let bad = dir.join("bad.safetensors");
+        std::fs::write(&bad, b"not a safetensors file").expect("writes");
+        for path in [bad, dir.join("missing.safetensors")] {
+            let config = VaeStageConfig {
+                tune_decoder_from: Some(path.clone()),
+                ..config.clone()
+            };
+            let Err(e) = VaeStage::new(config, 4, Backend::Flex) else {
+                panic!("{} was accepted", path.display());
+            };
+            assert!(
+                e.to_string().contains("missing.safetensors")
+                    || e.to_string().contains("--vae-tune-decoder"),
+                "{e}"
+            );
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 
