@@ -293,6 +293,66 @@ fn the_vae_compression_and_dit_patch_reach_the_stages_and_the_model() {
     let _ = std::fs::remove_dir_all(&out);
 }
 
+/// Copies directory `from` to `to`, recursively.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("creates");
+    for entry in std::fs::read_dir(from).expect("lists") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).expect("copies");
+        }
+    }
+}
+
+/// `--vae-tune-decoder`: beside copies of a finished run's tokenizer, VLM and DiT, `--stages
+/// vae` tunes that run's decoder and writes a model with the run's transformer and the new
+/// decoder, which generates.
+#[test]
+fn a_tuned_decoder_joins_another_runs_dit_in_a_model() {
+    let first = scratch("tune-first");
+    let second = scratch("tune-second");
+    let (a, b) = (
+        first.to_str().expect("utf-8 path"),
+        second.to_str().expect("utf-8 path"),
+    );
+    succeeds(&["train", "--out", a, "--tiny", "--quiet"]);
+    for part in ["tokenizer", "vlm", "dit"] {
+        copy_dir(&first.join(part), &second.join(part));
+    }
+    let from = first.join("vae/autoencoder.safetensors");
+    succeeds(&[
+        "train",
+        "--out",
+        b,
+        "--tiny",
+        "--stages",
+        "vae",
+        "--vae-tune-decoder",
+        from.to_str().expect("utf-8 path"),
+        "--vae-latent-noise",
+        "0.5",
+        "--quiet",
+    ]);
+    let stage = json(&second.join("vae/stage.json"));
+    assert_eq!(stage["vae"]["latent_noise"], 0.5);
+    assert!(stage["vae"]["tune_decoder_from"].is_string(), "{stage}");
+    let read = |dir: &Path, file: &str| std::fs::read(dir.join("model").join(file)).expect("reads");
+    assert_eq!(
+        read(&second, "transformer.safetensors"),
+        read(&first, "transformer.safetensors")
+    );
+    assert_ne!(
+        read(&second, "vae.safetensors"),
+        read(&first, "vae.safetensors")
+    );
+    generates_an_image(&second);
+    let _ = std::fs::remove_dir_all(&first);
+    let _ = std::fs::remove_dir_all(&second);
+}
+
 /// `--dit-init`: a second run's DiT starts from the first run's weights (its first loss, on the
 /// same seed's first batch, is below the fresh run's), and a time-limited call says how far it
 /// got before it stops, resumable.
