@@ -36,7 +36,8 @@ pub struct VaeStageConfig {
     pub batch: usize,
     /// Optimizer and schedule.
     pub optim: OptimConfig,
-    /// Standard deviation of the noise added to latents before decoding.
+    /// Standard deviation of the noise added to latents before decoding (with
+    /// `tune_decoder_from`: the scale of the level each image draws).
     pub latent_noise: f32,
     /// Weight of `mean(z²)`.
     pub latent_l2: f32,
