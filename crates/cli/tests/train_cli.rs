@@ -366,14 +366,7 @@ fn a_dit_continuation_starts_from_the_given_weights_and_reports_a_time_limited_s
     );
     succeeds(&["train", "--out", a, "--tiny", "--quiet"]);
     for part in ["tokenizer", "vae", "vlm"] {
-        std::fs::create_dir_all(second.join(part)).expect("dir");
-        for entry in std::fs::read_dir(first.join(part)).expect("reads") {
-            let entry = entry.expect("entry");
-            if entry.path().is_file() {
-                std::fs::copy(entry.path(), second.join(part).join(entry.file_name()))
-                    .expect("copies");
-            }
-        }
+        copy_dir(&first.join(part), &second.join(part));
     }
     let weights = first.join("dit/transformer.safetensors");
     let args = [

@@ -427,6 +427,17 @@ mod tests {
         assert_eq!(read, p.target.objects());
     }
 
+    /// What every kind of partner `p` of sample `s` shares: both text to image, another scene
+    /// on the same background, no held-out pair, an answer that reads back as its scene.
+    fn assert_a_partner(s: &Sample, p: &Sample, held: &HeldOut) {
+        assert_eq!(s.task, TextTask::Rewrite);
+        assert_eq!(p.task, TextTask::Rewrite);
+        assert_ne!(p.target, s.target);
+        assert!(!held.touches(&p.target));
+        assert_eq!(p.target.background(), s.target.background());
+        assert_answer_is_its_scene(p);
+    }
+
     #[test]
     fn a_binding_partner_moves_only_the_colours_between_objects() {
         let mix_of = recipe_mix();
@@ -449,16 +460,11 @@ mod tests {
                 continue;
             };
             partners += 1;
-            assert_eq!(s.task, TextTask::Rewrite);
-            assert_eq!(p.task, TextTask::Rewrite);
-            assert_ne!(p.target, s.target);
-            assert!(!held.touches(&p.target));
-            assert_eq!(p.target.background(), s.target.background());
+            assert_a_partner(&s, &p, &held);
             assert_eq!(colours(&p.target), colours(&s.target));
             for (a, b) in p.target.objects().iter().zip(s.target.objects()) {
                 assert_eq!((a.shape, a.size, a.cell), (b.shape, b.size, b.cell));
             }
-            assert_answer_is_its_scene(&p);
             assert_ne!(p.prompt, s.prompt);
         }
         // `cargo test -p unifusion-train --lib a_binding_partner -- --nocapture`: the share
@@ -491,14 +497,9 @@ mod tests {
                 continue;
             };
             partners += 1;
-            assert_eq!(s.task, TextTask::Rewrite);
-            assert_eq!(p.task, TextTask::Rewrite);
-            assert_ne!(p.target, s.target);
-            assert!(!held.touches(&p.target));
-            assert_eq!(p.target.background(), s.target.background());
+            assert_a_partner(&s, &p, &held);
             assert_eq!(cells(&p.target), cells(&s.target));
             assert_eq!(looks(&p.target), looks(&s.target));
-            assert_answer_is_its_scene(&p);
         }
         assert!(partners > 300, "{partners} partners of 2000 samples");
         let single = (0..200)
@@ -520,14 +521,10 @@ mod tests {
                 continue;
             };
             partners += 1;
-            assert_eq!(s.task, TextTask::Rewrite);
-            assert_eq!(p.task, TextTask::Rewrite);
-            assert!(!held.touches(&p.target));
-            assert_eq!(p.target.background(), s.target.background());
+            assert_a_partner(&s, &p, &held);
             let (before, after) = (s.target.objects(), p.target.objects());
             assert_eq!(after.len() + 1, before.len());
             assert!(after.iter().all(|o| before.contains(o)));
-            assert_answer_is_its_scene(&p);
         }
         assert!(partners > 300, "{partners} partners of 2000 samples");
     }

@@ -569,12 +569,7 @@ impl DitStage {
         let mut dit =
             Trainable::new(model, names, config.optim.clone()).with_ema(config.ema_decay, 4);
         if let Some(path) = &config.init_from {
-            let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, e))?;
-            read_safetensors(&bytes)
-                .and_then(|tensors| dit.import(&tensors))
-                .map_err(|e| {
-                    TrainError::Checkpoint(format!("{} (--dit-init): {e}", path.display()))
-                })?;
+            dit.import_file(path, "--dit-init")?;
         }
         Ok(Self {
             config,
@@ -750,7 +745,7 @@ fn training_sample(parts: &Parts<'_>, j: usize) -> (Sample, bool) {
     .collect();
     if j % 2 == 1 && !kinds.is_empty() {
         let before = draw(j - 1);
-        let seed = mix(mix(parts.seed, 0xDB), j as u64);
+        let seed = partner_seed(parts.seed, j);
         // With colours and count on, an even toss starts at colours, as before placement.
         let start = (mix(seed, 0xC0) % kinds.len() as u64) as usize;
         let partner =
@@ -760,6 +755,11 @@ fn training_sample(parts: &Parts<'_>, j: usize) -> (Sample, bool) {
         }
     }
     (draw(j), false)
+}
+
+/// The seed a partner at stream position `j` is made and phrased with.
+fn partner_seed(seed: u64, j: usize) -> u64 {
+    mix(mix(seed, 0xDB), j as u64)
 }
 
 /// The flow-matching loss of `drawn`'s targets under the conditions of `told` (the same
@@ -1036,6 +1036,19 @@ mod tests {
     use burn::optim::{GradientsAccumulator, GradientsParams};
     use unifusion_model::pipeline::every_third_layer;
 
+    /// The tiny DiT stage training text to image only, with `pairs` turning pair kinds on.
+    fn text_to_image_stage(pairs: impl FnOnce(&mut DitStageConfig)) -> DitStage {
+        tiny_stage(|c| {
+            c.mix = TaskMix {
+                caption: 0.0,
+                rewrite: 1.0,
+                edit: 0.0,
+                transfer: 0.0,
+            };
+            pairs(c);
+        })
+    }
+
     /// The tiny DiT stage over untrained frozen parts (enough to check that the DiT learns).
     fn tiny_stage(edit: impl FnOnce(&mut DitStageConfig)) -> DitStage {
         let json =
@@ -1281,15 +1294,7 @@ mod tests {
     /// its noise and timestep; edits never pair, so their training is unchanged bit for bit.
     #[test]
     fn binding_pairs_share_noise_with_their_partner_and_leave_edits_alone() {
-        let stage = tiny_stage(|c| {
-            c.binding_pairs = true;
-            c.mix = TaskMix {
-                caption: 0.0,
-                rewrite: 1.0,
-                edit: 0.0,
-                transfer: 0.0,
-            };
-        });
+        let stage = text_to_image_stage(|c| c.binding_pairs = true);
         let parts = stage.parts();
         let j = (1..80)
             .step_by(2)
@@ -1298,7 +1303,7 @@ mod tests {
         let (before, first_paired) = training_sample(&parts, j - 1);
         let (partner, _) = training_sample(&parts, j);
         assert!(!first_paired, "even samples are drawn");
-        let expected = rebound(&before, mix(mix(parts.seed, 0xDB), j as u64)).expect("pairs");
+        let expected = rebound(&before, partner_seed(parts.seed, j)).expect("pairs");
         assert_eq!(partner.target, expected.target);
         assert_ne!(partner.target, before.target);
         let pair = [before, partner];
@@ -1329,22 +1334,13 @@ mod tests {
     /// both kinds of partner occur; edits never pair.
     #[test]
     fn count_pairs_leave_one_object_out_and_mix_with_binding_pairs() {
-        let rewrites = TaskMix {
-            caption: 0.0,
-            rewrite: 1.0,
-            edit: 0.0,
-            transfer: 0.0,
-        };
-        let count_only = tiny_stage(|c| {
-            c.count_pairs = true;
-            c.mix = rewrites;
-        });
+        let count_only = text_to_image_stage(|c| c.count_pairs = true);
         let parts = count_only.parts();
         let mut partners = 0;
         for j in (1..80).step_by(2) {
             let (before, _) = training_sample(&parts, j - 1);
             let (s, paired) = training_sample(&parts, j);
-            let seed = mix(mix(parts.seed, 0xDB), j as u64);
+            let seed = partner_seed(parts.seed, j);
             assert_eq!(paired, before.target.objects().len() >= 2, "sample {j}");
             if paired {
                 partners += 1;
@@ -1353,10 +1349,9 @@ mod tests {
         }
         assert!(partners > 5, "{partners} partners of 40");
 
-        let both = tiny_stage(|c| {
+        let both = text_to_image_stage(|c| {
             c.count_pairs = true;
             c.binding_pairs = true;
-            c.mix = rewrites;
         });
         let parts = both.parts();
         let (mut fewer, mut recoloured) = (0, 0);
@@ -1390,22 +1385,13 @@ mod tests {
     /// all three kinds on, each kind occurs; edits never pair.
     #[test]
     fn placement_pairs_move_objects_between_cells_and_mix_with_the_other_kinds() {
-        let rewrites = TaskMix {
-            caption: 0.0,
-            rewrite: 1.0,
-            edit: 0.0,
-            transfer: 0.0,
-        };
-        let alone = tiny_stage(|c| {
-            c.placement_pairs = true;
-            c.mix = rewrites;
-        });
+        let alone = text_to_image_stage(|c| c.placement_pairs = true);
         let parts = alone.parts();
         let mut partners = 0;
         for j in (1..80).step_by(2) {
             let (before, _) = training_sample(&parts, j - 1);
             let (s, paired) = training_sample(&parts, j);
-            let seed = mix(mix(parts.seed, 0xDB), j as u64);
+            let seed = partner_seed(parts.seed, j);
             let expected = relocated(&before, seed);
             assert_eq!(paired, expected.is_some(), "sample {j}");
             if let Some(expected) = expected {
@@ -1415,11 +1401,10 @@ mod tests {
         }
         assert!(partners > 5, "{partners} partners of 40");
 
-        let all = tiny_stage(|c| {
+        let all = text_to_image_stage(|c| {
             c.binding_pairs = true;
             c.count_pairs = true;
             c.placement_pairs = true;
-            c.mix = rewrites;
         });
         let parts = all.parts();
         let (mut fewer, mut recoloured, mut moved) = (0, 0, 0);

@@ -299,6 +299,16 @@ impl<M: Module> Trainable<M> {
         self.model = Some(self.names.import(model, tensors, None)?);
         Ok(())
     }
+
+    /// [`Trainable::import`] of a safetensors file (checkpoint names); an unreadable file or
+    /// one that does not fit the module is an error naming the file and `flag`, the option
+    /// that gave it.
+    pub fn import_file(&mut self, path: &Path, flag: &str) -> Result<(), TrainError> {
+        let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, e))?;
+        crate::named::read_safetensors(&bytes)
+            .and_then(|tensors| self.import(&tensors))
+            .map_err(|e| TrainError::Checkpoint(format!("{} ({flag}): {e}", path.display())))
+    }
 }
 
 /// The contiguous share `[first, end)` of `batch` items that shard `shard` of `shards` takes.

@@ -18,7 +18,7 @@ use unifusion_model::generator::tiny_vae::AutoencoderTiny;
 use unifusion_world::score::{micro_average, score_scene};
 
 use crate::data::{foreground_squares, image_values, mix, planar_to_rgb, rgb_to_planar, scene};
-use crate::named::{Init, NamedParams, NamedTensors, Recorder, read_safetensors};
+use crate::named::{Init, NamedParams, NamedTensors, Recorder};
 use crate::trainer::{
     OptimConfig, Stage, Trainable, batch_share, is_one_shard, one_shard, shard_range, shard_seed,
 };
@@ -381,12 +381,7 @@ impl VaeStage {
         let (model, names) = init_autoencoder(&config.vae, seed, &device)?;
         let mut ae = Trainable::new(model, names, config.optim.clone());
         if let Some(path) = &config.tune_decoder_from {
-            let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, e))?;
-            read_safetensors(&bytes)
-                .and_then(|tensors| ae.import(&tensors))
-                .map_err(|e| {
-                    TrainError::Checkpoint(format!("{} (--vae-tune-decoder): {e}", path.display()))
-                })?;
+            ae.import_file(path, "--vae-tune-decoder")?;
         }
         Ok(Self {
             config,
